@@ -1,0 +1,49 @@
+# aioli_repro: the commands a researcher types.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-slow lint format bench clean-cache help
+
+help:
+	@echo "make setup      create .venv (torch pinned to the local CPU wheel via constraints.txt)"
+	@echo "make run        train the CPU default (tiny model, synthetic A/SE, stratified) and print test perplexity"
+	@echo "make test       the default test suite (what CI runs)"
+	@echo "make test-slow  the slow end-to-end tests"
+	@echo "make lint       ruff"
+	@echo "make bench      throughput benchmark -> results/bench.json, docs/benchmarks.md"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the constraints file: anything else pulls several GB of CUDA wheels here
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The CPU default. Extra Hydra overrides: make run ARGS="groups=gh_c4 method=static method.mixer.proportions=[0.3,0.7]"
+run: $(STAMP)
+	$(PY) -m aioli_repro.train $(ARGS)
+
+# pytest exits 5 when it collects no tests; that is not a failure here.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS) || { rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc; }
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS) || { rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aioli_repro tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format aioli_repro tests
+
+bench: $(STAMP)
+	$(PY) -m aioli_repro.bench $(ARGS)
+
+clean-cache:
+	rm -rf .cache/aioli

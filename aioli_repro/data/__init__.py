@@ -1,0 +1,1 @@
+"""Data: group sources, tokenizers, the packed-sequence cache, and the mixture sampler."""

@@ -1,0 +1,78 @@
+"""Lightning DataModule: packed groups + the mixture sampler.
+
+The train dataloader yields only step tickets; the batch itself is drawn from the sampler in
+`on_before_batch_transfer`, which Lightning calls for the batch it is about to train on (after
+the previous step's callbacks ran). Lightning's one-batch prefetch therefore never sees a stale
+mixture, and a method's new proportions apply to the very next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from aioli_repro.data.cache import PackedGroups
+from aioli_repro.data.sampler import MixtureSampler
+from aioli_repro.mixing.base import Batch
+
+
+class _StepTickets(IterableDataset):
+    """An endless stream of step numbers; Lightning stops at trainer.max_steps."""
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
+class MixtureDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        packed: PackedGroups,
+        batch_size: int,
+        seed: int,
+        composition: str = "multinomial",
+        val_max_seqs: int | None = None,
+        test_max_seqs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.packed = packed
+        self.groups = list(packed.groups)
+        self.batch_size = batch_size
+        self.val_max_seqs = val_max_seqs
+        self.test_max_seqs = test_max_seqs
+        self.train_arrays = [packed.train[g] for g in self.groups]
+        self.sampler = MixtureSampler([len(a) for a in self.train_arrays], batch_size, seed, composition)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_StepTickets(), batch_size=None, num_workers=0)
+
+    def draw_batch(self) -> Batch:
+        """The next training batch under the sampler's current proportions."""
+        gids, sidx = self.sampler.next_batch()
+        rows = np.stack([self.train_arrays[g][s] for g, s in zip(gids, sidx)]).astype(np.int64)
+        return Batch(tokens=torch.from_numpy(rows), group_ids=torch.from_numpy(gids.astype(np.int64)))
+
+    def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        if isinstance(batch, (int, torch.Tensor)) and self.trainer is not None and self.trainer.training:
+            return self.draw_batch()
+        return batch
+
+    def eval_sequences(self, split: str) -> tuple[list[np.ndarray], int | None]:
+        """Held-out arrays per group (in group order) and the configured cap on sequences per group."""
+        if split == "val":
+            return [self.packed.val[g] for g in self.groups], self.val_max_seqs
+        if split == "test":
+            return [self.packed.test[g] for g in self.groups], self.test_max_seqs
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sampler.load_state_dict(state_dict["sampler"])
