@@ -76,3 +76,13 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.min_lr: must be in [0, train.lr={lr}], got {min_lr!r}")
     if OmegaConf.select(cfg, "method.mixer._target_") is None:
         raise ConfigError("method.mixer._target_: every method config needs a mixer with a _target_ class")
+
+
+def _by_m(names: list, v2: object, v3: object, v7: object) -> object:
+    """Pick a per-setting hyper-parameter by the number of groups (released scripts: m = 2, 3, 7)."""
+    m = len(names)
+    return v2 if m <= 2 else (v3 if m <= 3 else v7)
+
+
+if not OmegaConf.has_resolver("by_m"):
+    OmegaConf.register_new_resolver("by_m", _by_m)
