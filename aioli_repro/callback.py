@@ -55,7 +55,7 @@ class MixingCallback(L.Callback):
     def _after_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if self.method.needs_validation(step):
             self.method.on_validation(step, pl_module.evaluate("val", max_seqs=self._method_eval_cap()))
-        if self.val_every and step > 0 and step % self.val_every == 0 and step < trainer.max_steps:
+        if self.val_every and step % self.val_every == 0 and step < trainer.max_steps:
             losses = pl_module.evaluate("val")
             self.val_history.append((step, losses.tolist()))
             groups = trainer.datamodule.groups

@@ -29,7 +29,7 @@ from aioli_repro.data.source import DataError
 from aioli_repro.data.tokenizer import build_tokenizer
 from aioli_repro.evaluation import avg_ppl, group_perplexities, ppl_of_mean_loss
 from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig
-from aioli_repro.mixing.base import MixingMethod
+from aioli_repro.mixing.base import MixingContext, MixingMethod
 from aioli_repro.model import ModelConfig
 from aioli_repro.run_logging import JsonlLogger, make_wandb_logger
 
@@ -84,12 +84,16 @@ def run_training(
     t0 = time.time()
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    _, packed = build_data(cfg)
     groups = list(cfg.groups.names)
-
     model_cfg: ModelConfig = instantiate(cfg.model)
     method = method if method is not None else instantiate(cfg.method.mixer)
     t = cfg.train
+    # Validate the method's options against the run before any data is packed (setup runs again in fit).
+    try:
+        method.setup(MixingContext(groups, int(t.max_steps), int(t.batch_size), int(cfg.seed), dict(extras or {})))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    _, packed = build_data(cfg)
     dm = MixtureDataModule(
         packed,
         batch_size=t.batch_size,
@@ -150,6 +154,8 @@ def run_training(
     t_fit = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     fit_s = time.time() - t_fit
+    # the final weights, for later stages (DoReMi's reference model)
+    trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
 
     val = module.evaluate("val")
     test = module.evaluate("test")

@@ -35,7 +35,7 @@ class Static(MixingMethod):
             if unknown:
                 raise ValueError(f"method.proportions: unknown groups {unknown}; the run's groups are {ctx.groups}")
             given = [float(given.get(g, 0.0)) for g in ctx.groups]
-        self._p = validate_proportions(list(given), ctx.m, field="method.proportions")
+        self._p = validate_proportions(list(given), ctx.m, field="method.mixer.proportions")
 
     def composition(self) -> str:
         return self._composition

@@ -1,0 +1,234 @@
+"""Each method's stages, end to end, for one setting and seed.
+
+    stratified / static / aioli*   one run
+    grid                           sweep of static runs over a simplex cover -> best by val avg ppl
+    dml                            the same sweep (shared) -> fit the log-linear law on val -> final run
+    skillit                        m one-hot graph runs -> skills graph -> online run
+    doremi                         reference (= the stratified run) -> proxy -> final run on mean weights
+    doge                           proxy -> final run on mean weights
+
+Every final summary records the training tokens of all stages that produced it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from aioli_repro.pipeline.stage import Stage, read_summary, stage_hash, stage_lock
+from aioli_repro.train import run_training
+
+ONLINE = ("stratified", "static", "aioli", "aioli_static", "aioli_diagonal")
+
+
+def derive(cfg: DictConfig, name: str, mixer: dict, **train: object) -> DictConfig:
+    """A copy of cfg that runs `mixer` (labelled `name`) with some train fields replaced."""
+    new = copy.deepcopy(cfg)
+    OmegaConf.set_struct(new, False)
+    new.method = OmegaConf.create({"name": name, "mixer": mixer})
+    for k, v in train.items():
+        if v is not None:
+            new.train[k] = v
+    return new
+
+
+def static_mixer(p: np.ndarray | list[float]) -> dict:
+    return {"_target_": "aioli_repro.mixing.static.Static", "proportions": [float(x) for x in p]}
+
+
+STRATIFIED = {"_target_": "aioli_repro.mixing.static.Stratified"}
+
+
+class Pipeline:
+    """Runs stages under one results root, never redoing a finished one."""
+
+    def __init__(self, cfg: DictConfig, results_dir: str | Path, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.results_dir = Path(results_dir)
+        self.log = log
+        self.done: list[dict] = []  # {name, dir, train_tokens, reused}
+
+    def run(self, stage: Stage) -> dict:
+        d = stage.directory(self.results_dir)
+        summary = read_summary(d)
+        reused = summary is not None
+        if summary is None:
+            with stage_lock(d):
+                summary = read_summary(d)  # another process may have finished it meanwhile
+                reused = summary is not None
+                if summary is None:
+                    self.log(f"[pipeline] stage {stage.name}: training in {d}")
+                    _write_json(d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras})
+                    summary = run_training(stage.cfg, d, extras=stage.extras)
+        if reused:
+            self.log(f"[pipeline] stage {stage.name}: already done ({d})")
+        self.done.append(
+            {"name": stage.name, "dir": str(d), "train_tokens": int(summary["train_tokens"]), "reused": reused}
+        )
+        return summary
+
+    # -- recipes --------------------------------------------------------------------------------
+    def single(self) -> dict:
+        return self.run(Stage("run", self.cfg))
+
+    def stratified_run(self) -> tuple[dict, Path]:
+        stage = Stage("run", derive(self.cfg, "stratified", STRATIFIED))
+        return self.run(stage), stage.directory(self.results_dir)
+
+    def sweep(self) -> tuple[np.ndarray, list[dict]]:
+        from aioli_repro.simplex import grid_points
+
+        m = len(self.cfg.groups.names)
+        pcfg = self.cfg.method.get("pipeline", {})
+        n_runs = int(pcfg.get("n_runs", 10))
+        points = grid_points(m, n_runs=n_runs, seed=int(pcfg.get("cover_seed", self.cfg.seed)))
+        summaries = []
+        for i, p in enumerate(points):
+            stage = Stage(f"sweep{i}", derive(self.cfg, "sweep", static_mixer(p)))
+            summaries.append(self.run(stage))
+        return np.asarray(points), summaries
+
+    def grid(self) -> dict:
+        from aioli_repro.simplex import select_best
+
+        points, summaries = self.sweep()
+        val = _val_matrix(summaries, self.cfg.groups.names)
+        best, _ = select_best(points, val)
+        self.log(f"[pipeline] grid: best sweep point {best}: {np.round(points[best], 3).tolist()}")
+        return {**summaries[best], "learned_proportions": _named(points[best], self.cfg.groups.names)}
+
+    def dml(self) -> dict:
+        from aioli_repro.laws import fit_log_linear, minimize_on_simplex
+
+        points, summaries = self.sweep()
+        val = _val_matrix(summaries, self.cfg.groups.names)  # fit on validation, never test
+        law, info = fit_log_linear(points, val, seed=int(self.cfg.seed))
+        c, b, A = (np.asarray(x) for x in (law.c, law.b, law.A))
+
+        def total(p: np.ndarray) -> float:
+            return float(np.sum(c + b * np.exp(-(A @ p))))
+
+        p = minimize_on_simplex(total, len(points[0]), seed=int(self.cfg.seed))
+        self.log(f"[pipeline] dml: law fit R2={info.get('r2', float('nan')):.4f}; p* = {np.round(p, 3).tolist()}")
+        summary = self.run(Stage("final", derive(self.cfg, "dml", static_mixer(p)), inputs=[s["run_dir"] for s in summaries]))
+        return {**summary, "learned_proportions": _named(p, self.cfg.groups.names), "law_fit": info}
+
+    def skillit(self) -> dict:
+        from aioli_repro.mixing.skillit import skills_graph_from_losses
+
+        groups = list(self.cfg.groups.names)
+        m = len(groups)
+        steps = int(self.cfg.method.get("pipeline", {}).get("graph_steps", self.cfg.train.max_steps))
+        starts, ends, dirs = [], [], []
+        for j in range(m):
+            onehot = np.eye(m)[j]
+            stage = Stage(f"graph{j}", derive(self.cfg, "skillit_graph", static_mixer(onehot), max_steps=steps))
+            s = self.run(stage)
+            starts.append(s["val_history"][0][1])  # val loss at step 0
+            ends.append([s["val_loss"][g] for g in groups])
+            dirs.append(s["run_dir"])
+        graph = skills_graph_from_losses(np.asarray(starts), np.asarray(ends))
+        self.log(f"[pipeline] skillit: skills graph {np.round(graph, 3).tolist()}")
+        extras = {"skills_graph": graph.tolist()}
+        summary = self.run(Stage("online", self.cfg, extras=extras, inputs=dirs))
+        return {**summary, "skills_graph": graph.tolist()}
+
+    def doremi(self) -> dict:
+        _, ref_dir = self.stratified_run()
+        ref_ckpt = str(ref_dir / "checkpoints" / "final.ckpt")
+        pcfg = self.cfg.method.get("pipeline", {})
+        proxy_cfg = derive(
+            self.cfg,
+            "doremi",
+            OmegaConf.to_container(self.cfg.method.mixer, resolve=True),
+            max_steps=pcfg.get("proxy_steps"),
+            batch_size=pcfg.get("proxy_batch_size"),
+        )
+        proxy = self.run(Stage("proxy", proxy_cfg, extras={"reference_checkpoint": ref_ckpt}, inputs=[str(ref_dir)]))
+        return self._final_from_proxy(proxy, "doremi")
+
+    def doge(self) -> dict:
+        pcfg = self.cfg.method.get("pipeline", {})
+        proxy_cfg = derive(
+            self.cfg,
+            "doge",
+            OmegaConf.to_container(self.cfg.method.mixer, resolve=True),
+            max_steps=pcfg.get("proxy_steps"),
+            batch_size=pcfg.get("proxy_batch_size"),
+        )
+        proxy = self.run(Stage("proxy", proxy_cfg))
+        return self._final_from_proxy(proxy, "doge")
+
+    def _final_from_proxy(self, proxy: dict, name: str) -> dict:
+        learned = proxy.get("learned_proportions")
+        if not learned:
+            raise RuntimeError(f"{name} proxy at {proxy['run_dir']} recorded no learned proportions")
+        p = np.asarray([learned[g] for g in self.cfg.groups.names], dtype=np.float64)
+        p = p / p.sum()
+        self.log(f"[pipeline] {name}: proxy weights {np.round(p, 3).tolist()}")
+        summary = self.run(Stage("final", derive(self.cfg, name, static_mixer(p)), inputs=[proxy["run_dir"]]))
+        return {**summary, "learned_proportions": _named(p, self.cfg.groups.names)}
+
+
+def _named(p: np.ndarray, groups: list[str]) -> dict[str, float]:
+    return {g: float(v) for g, v in zip(groups, p)}
+
+
+def _val_matrix(summaries: list[dict], groups: list[str]) -> np.ndarray:
+    return np.asarray([[s["val_loss"][g] for g in groups] for s in summaries], dtype=np.float64)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+RECIPES = {
+    "stratified": Pipeline.single,
+    "static": Pipeline.single,
+    "aioli": Pipeline.single,
+    "aioli_static": Pipeline.single,
+    "aioli_diagonal": Pipeline.single,
+    "grid": Pipeline.grid,
+    "dml": Pipeline.dml,
+    "skillit": Pipeline.skillit,
+    "doremi": Pipeline.doremi,
+    "doge": Pipeline.doge,
+}
+
+
+def run_method(cfg: DictConfig, results_dir: str | Path, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    """Run `cfg.method.name` end to end; write and return the pipeline summary and its path."""
+    name = cfg.method.name
+    if name not in RECIPES:
+        raise ValueError(f"method: unknown method {name!r}; allowed: {sorted(RECIPES)}")
+    pipe = Pipeline(cfg, results_dir, log)
+    final = RECIPES[name](pipe)
+    summary = {
+        **final,
+        "method": name,
+        "stages": pipe.done,
+        "total_tokens": int(sum(s["train_tokens"] for s in _unique(pipe.done))),
+        "extra_runs": len(_unique(pipe.done)) - 1,
+        "final_run_dir": final["run_dir"],
+    }
+    out = Path(results_dir) / f"{name}-pipeline-{stage_hash(cfg)}" / "summary.json"
+    _write_json(out, summary)
+    return summary, out
+
+
+def _unique(done: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for s in done:
+        if s["dir"] not in seen:
+            seen.add(s["dir"])
+            out.append(s)
+    return out

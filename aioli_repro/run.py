@@ -1,0 +1,35 @@
+"""Run a method end to end for one setting and seed:
+
+    python -m aioli_repro.run method=<name> groups=<setting> seed=<s> scale=tiny [results_dir=PATH]
+
+Prints the final per-group test perplexity, `test/avg_ppl`, and the path of the pipeline's summary.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.pipeline.recipes import run_method
+from aioli_repro.train import USER_ERRORS, format_summary, user_error_exit
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    results_dir = Path(cfg.results_dir)
+    try:
+        summary, path = run_method(cfg, results_dir)
+    except USER_ERRORS as e:
+        user_error_exit(e)
+    except ValueError as e:  # bad method options surface as ValueError naming the field
+        user_error_exit(e)
+    print(format_summary(summary))
+    print(f"stages: {len(summary['stages'])} ({summary['extra_runs']} extra runs), total tokens {summary['total_tokens']:,}")
+    print(f"summary: {path}")
+
+
+if __name__ == "__main__":
+    main()

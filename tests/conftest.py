@@ -1,0 +1,37 @@
+"""Shared fixtures: composed configs on the tiny scale with a session-wide data cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import aioli_repro.config  # noqa: F401  (registers resolvers)
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("aioli_cache")
+
+
+@pytest.fixture
+def make_cfg(cache_dir: Path):
+    """compose('train', overrides) at tiny scale, quiet, logging to files only."""
+
+    def _make(*overrides: str, wandb: bool = False):
+        base = ["scale=tiny", f"cache_dir={cache_dir}", "progress=false", "num_threads=2"]
+        if not wandb:
+            base.append("logger=none")
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose(config_name="train", overrides=[*base, *overrides])
+
+    return _make
