@@ -59,10 +59,10 @@ class MixingCallback(L.Callback):
             losses = pl_module.evaluate("val")
             self.val_history.append((step, losses.tolist()))
             groups = trainer.datamodule.groups
-            pl_module.log_dict({f"val/loss/{g}": float(v) for g, v in zip(groups, losses)}, on_step=True)
+            self._log(trainer, {f"val/loss/{g}": float(v) for g, v in zip(groups, losses)}, step)
         metrics = self.method.log_metrics()
         if metrics:
-            pl_module.log_dict(metrics, on_step=True)
+            self._log(trainer, metrics, step)
         if step >= trainer.max_steps:
             return
         p = np.asarray(self.method.proportions(), dtype=np.float64)
@@ -71,7 +71,14 @@ class MixingCallback(L.Callback):
             self._last_p = p.copy()
             self.trajectory.append((step, p.tolist()))
             groups = trainer.datamodule.groups
-            pl_module.log_dict({f"mix/p/{g}": float(v) for g, v in zip(groups, p)}, on_step=True)
+            self._log(trainer, {f"mix/p/{g}": float(v) for g, v in zip(groups, p)}, step)
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        # Straight to the loggers: allowed in every hook, and no per-step Lightning bookkeeping.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def _method_eval_cap(self) -> int | None:
         return getattr(self.method, "eval_max_seqs", None)
