@@ -18,7 +18,9 @@ METHODS = ["stratified", "grid", "dml", "skillit", "doremi", "doge", "aioli", "a
 def test_every_setting_and_method_composes(scale, setting):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for method in METHODS:
-            cfg = compose("train", overrides=[f"scale={scale}", f"groups={setting}", f"method={method}"])
+            cfg = compose(
+                "train", overrides=[f"scale={scale}", f"groups={setting}", f"method={method}", "cache_dir=/tmp/x"]
+            )
             OmegaConf.resolve(cfg)
             assert list(cfg.groups.names) == SETTINGS[setting]
             assert cfg.method.name == method
@@ -46,6 +48,6 @@ def test_every_setting_and_method_composes(scale, setting):
 )
 def test_bad_config_names_field(override, field):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["scale=tiny", override])
+        cfg = compose("train", overrides=["scale=tiny", "cache_dir=/tmp/x", override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(cfg)
