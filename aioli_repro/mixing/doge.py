@@ -1,0 +1,202 @@
+"""DoGE proxy stage: reweight groups by how well their training gradient aligns with the val gradient.
+
+In LMO terms (paper Table 1) DoGE assumes the linear dynamic law with A^t_ij = <grad L^val_i,
+grad L^train_j> (here the val side is pooled over groups, so only the column sums of A^t are
+estimated), and solves for the weights with EGD. The pipeline is: this proxy run (stratified
+sampling, gradient = sum_i alpha_i clip(g_i)) -> a static run on the time-average of alpha.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from aioli_repro.mixing.base import Batch, MixingContext, MixingMethod
+from aioli_repro.model import lm_token_losses
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aioli_repro.lm_module import MixingLM
+
+_RNG_TAG = 0xD06E  # keeps the val-sampling stream apart from the data sampler's (same run seed)
+
+
+def _grad_norm(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Global L2 norm over a gradient tuple, as `clip_grad_norm_` computes it."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def _dot(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([torch.sum(x.float() * y.float()) for x, y in zip(a, b)]).sum()
+
+
+def _clip_coef(norm: torch.Tensor) -> torch.Tensor:
+    # exactly `clip_grad_norm_(max_norm=1.0)`: scale by 1/(norm + 1e-6) when that is below 1
+    return torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+
+
+class DoGE(MixingMethod):
+    """DoGE proxy (Fan et al. 2024) as in the Aioli code's `DogeTrainer`.
+
+    Per optimizer step: draw `val_batch_size` val sequences (own seeded generator), g_val = gradient
+    of their mean token loss; for each train group i present, g_i = gradient of its mean loss. Both
+    are clipped to global norm <= 1 (as the official code). score_i = lr * <g_i, g_val> /
+    (mean_j ||g_j|| + 1e-6), clipped to [0, lr * score_clip] (the mean runs over all m groups, absent
+    ones counting 0, as the official code); log a += score / mu; a = softmax (no smoothing). The
+    returned loss is sum_i a_i * l_i / max(1, ||g_i||) with detached scale factors, so its backward
+    is exactly sum_i a_i clip(g_i) (norm <= 1, so the module's clip at 1.0 is a no-op).
+
+    Memory: only g_val and one g_i are alive at a time (two model-sized gradient buffers whatever m
+    is); the official code kept an (m+1) x P float32 matrix on the host (5 GB at m=7).
+    Cost: one val forward/backward, m backward passes through the retained train graph and the final
+    backward of the returned loss. With gradient accumulation every micro-batch updates a.
+
+    Contract with the module: `module.model` (parameters with requires_grad), `module.device`,
+    `module.trainer.optimizers[0].param_groups[0]["lr"]` and
+    `module.trainer.datamodule.eval_sequences("val")`.
+    """
+
+    name = "doge"
+
+    def __init__(
+        self,
+        mu: float = 0.01,
+        val_batch_size: int = 2,
+        val_sampling: str = "pooled",
+        score_clip: float = 5.0,
+        log_every: int = 10,
+    ) -> None:
+        if val_sampling not in ("pooled", "per_group"):
+            raise ValueError(
+                f"method.mixer.val_sampling: unknown value {val_sampling!r}; allowed: ['pooled', 'per_group']"
+            )
+        if not mu > 0:
+            raise ValueError(f"method.mixer.mu: must be > 0, got {mu!r}")
+        if int(val_batch_size) < 1:
+            raise ValueError(f"method.mixer.val_batch_size: must be >= 1, got {val_batch_size!r}")
+        self.mu = float(mu)
+        self.val_batch_size = int(val_batch_size)
+        self.val_sampling = val_sampling
+        self.score_clip = float(score_clip)
+        self.log_every = int(log_every)
+
+    def setup(self, ctx: MixingContext) -> None:
+        super().setup(ctx)
+        m = ctx.m
+        self.log_alpha = np.full(m, -np.log(m))
+        self.alpha = np.full(m, 1.0 / m)
+        self.avg = np.zeros(m)
+        self.n_updates = 0
+        self.scores = np.zeros(m)
+        self.rng = np.random.default_rng([int(ctx.seed), _RNG_TAG])
+        self._val: list[np.ndarray] | None = None
+        self._last_logged = -1
+
+    # -- validation batch -----------------------------------------------------------------------
+    def _val_batch(self, module: MixingLM) -> torch.Tensor:
+        if self._val is None:
+            # The whole val split (the datamodule's cap only bounds evaluation cost), as the official code.
+            self._val = list(module.trainer.datamodule.eval_sequences("val")[0])
+        sizes = np.array([len(v) for v in self._val])
+        if self.val_sampling == "pooled":  # uniform over all val sequences: groups weighted by val-set size
+            flat = self.rng.integers(0, sizes.sum(), size=self.val_batch_size)
+            g = np.searchsorted(np.cumsum(sizes), flat, side="right")
+            i = flat - np.concatenate([[0], np.cumsum(sizes)[:-1]])[g]
+        else:  # uniform over groups, then over that group's sequences
+            g = self.rng.integers(0, len(sizes), size=self.val_batch_size)
+            i = self.rng.integers(0, sizes[g])
+        rows = np.stack([self._val[gg][ii] for gg, ii in zip(g, i)]).astype(np.int64)
+        return torch.from_numpy(rows).to(module.device)
+
+    # -- the step -------------------------------------------------------------------------------
+    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, module: MixingLM) -> torch.Tensor:
+        m = self.ctx.m
+        params = [p for p in module.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("DoGE needs trainable parameters in module.model")
+
+        def grads_of(loss: torch.Tensor, retain: bool) -> tuple[torch.Tensor, ...]:
+            gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+            return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(gs, params))
+
+        # (1) validation gradient; its graph is separate from the train graph and freed right away.
+        val_loss = lm_token_losses(module.model, self._val_batch(module)).float().mean()
+        g_val = grads_of(val_loss, retain=False)
+        val_coef = _clip_coef(_grad_norm(g_val))
+
+        # (2) one group gradient at a time (buffer 2), dotted with g_val and dropped.
+        gids = batch.group_ids.to(seq_loss.device)
+        present = torch.bincount(gids, minlength=m).cpu().numpy() > 0
+        group_losses: dict[int, torch.Tensor] = {}
+        dots = torch.zeros(m, device=seq_loss.device)
+        norms = torch.zeros(m, device=seq_loss.device)  # clipped norms; absent groups stay 0
+        coefs = torch.ones(m, device=seq_loss.device)
+        for i in np.flatnonzero(present):
+            loss_i = seq_loss[gids == int(i)].mean()
+            g_i = grads_of(loss_i, retain=True)
+            norm_i = _grad_norm(g_i)
+            coefs[i] = _clip_coef(norm_i)
+            norms[i] = norm_i * coefs[i]
+            dots[i] = _dot(g_i, g_val) * coefs[i] * val_coef
+            group_losses[int(i)] = loss_i
+            del g_i
+        del g_val
+
+        # (3) scores and the EGD step on log alpha (one host sync).
+        lr = float(module.trainer.optimizers[0].param_groups[0]["lr"])
+        dots_np, norms_np = dots.detach().double().cpu().numpy(), norms.detach().double().cpu().numpy()
+        self.scores = np.clip(lr * dots_np / (norms_np.mean() + 1e-6), 0.0, lr * self.score_clip)
+        # kept in log space (log-softmax) so a weight driven towards 0 cannot underflow and stick there
+        log_a = self.log_alpha + self.scores / self.mu
+        top = log_a.max()
+        self.log_alpha = log_a - (top + np.log(np.exp(log_a - top).sum()))
+        self.alpha = np.exp(self.log_alpha)
+        self.avg += self.alpha
+        self.n_updates += 1
+
+        # (4) a loss whose gradient is sum_i alpha_i clip(g_i): detached clip factors per group.
+        weights = torch.as_tensor(self.alpha, dtype=seq_loss.dtype, device=seq_loss.device) * coefs.detach()
+        return torch.stack([weights[i] * loss_i for i, loss_i in group_losses.items()]).sum()
+
+    # -- reporting and checkpoints --------------------------------------------------------------
+    def final_proportions(self) -> np.ndarray | None:
+        if self.n_updates == 0:
+            return self.alpha.copy()
+        avg = self.avg / self.n_updates
+        return avg / avg.sum()
+
+    def log_metrics(self) -> dict[str, float]:
+        # nothing before the first update (asked at train start too, where Lightning forbids logging)
+        if self.n_updates in (0, self._last_logged) or self.n_updates % self.log_every != 0:
+            return {}
+        self._last_logged = self.n_updates
+        out: dict[str, float] = {}
+        for g, a, s in zip(self.ctx.groups, self.alpha, self.scores):
+            out[f"doge/alpha/{g}"] = float(a)
+            out[f"doge/score/{g}"] = float(s)
+        for g, v in zip(self.ctx.groups, self.avg / self.n_updates):
+            out[f"doge/alpha_avg/{g}"] = float(v)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "alpha": self.alpha.tolist(),
+            "log_alpha": self.log_alpha.tolist(),
+            "avg": self.avg.tolist(),
+            "n_updates": self.n_updates,
+            "scores": self.scores.tolist(),
+            "rng": self.rng.bit_generator.state,
+            "last_logged": self._last_logged,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self.log_alpha = np.asarray(state["log_alpha"], dtype=np.float64)
+        self.avg = np.asarray(state["avg"], dtype=np.float64)
+        self.n_updates = int(state["n_updates"])
+        self.scores = np.asarray(state["scores"], dtype=np.float64)
+        self.rng.bit_generator.state = state["rng"]
+        self._last_logged = int(state.get("last_logged", -1))

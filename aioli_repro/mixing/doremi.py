@@ -1,0 +1,251 @@
+"""DoReMi proxy stage: reweight per-group training losses by their excess over a reference model.
+
+In LMO terms (paper Table 1) DoReMi assumes the linear dynamic law with a *diagonal* A^t, where
+A^t_ii is the proxy's training loss on group i minus a reference model's, clipped at 0, and solves
+for the weights with exponentiated-gradient descent (EGD). The pipeline is: reference = the
+stratified run -> this proxy run (stratified sampling, loss reweighted by alpha) -> a static run on
+the time-average of alpha (`final_proportions`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from aioli_repro.mixing.base import Batch, MixingContext, MixingMethod
+from aioli_repro.model import build_model, lm_token_losses
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aioli_repro.lm_module import MixingLM
+
+
+def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Decoder weights from a Lightning .ckpt (keys `model.*`) or a plain decoder state_dict."""
+    # Our own checkpoint (it also holds callback/optimizer state), so a full unpickle is acceptable.
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    lightning = isinstance(ckpt, dict) and "state_dict" in ckpt
+    state = ckpt["state_dict"] if lightning else ckpt
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if lightning and not k.startswith("model."):
+            continue  # the module's own buffers, not the decoder's
+        k = k.removeprefix("model.").replace("_orig_mod.", "")  # torch.compile wraps the decoder
+        out[k] = v
+    if not out:
+        raise ValueError(f"reference checkpoint {path} holds no decoder weights (no `model.*` keys)")
+    return out
+
+
+class DoReMi(MixingMethod):
+    """DoReMi proxy (Xie et al. 2023) as in the Aioli code's `DoremiTrainer`, with its bugs fixed.
+
+    Per optimizer step, for every group i present in the batch: L_i = mean per-sequence loss of the
+    proxy, R_i = the same for the reference, excess e_i = max(L_i - R_i, 0) ("group" clip, as the
+    Aioli code) or the mean of per-token max(l - r, 0) ("token" clip, as the DoReMi paper); absent
+    groups keep their previous excess. Then log a' = log a + mu * e, a' = softmax, a = (1-c) a' + c/m,
+    and the time-average of a is what the final static run uses.
+
+    The training loss is sum_{i present} a_i * L_i (the DoReMi paper's objective: per-group mean
+    losses weighted by a, not renormalised over the groups present). Sampling stays stratified
+    (`reweight_by="loss"`); `reweight_by="sample"` instead samples from a and trains on the plain mean.
+
+    Gradient accumulation: the per-group proxy/reference loss sums are accumulated over the
+    `accumulate_grad_batches` micro-batches of one optimizer step and a is updated once, at the last
+    micro-batch, from the whole step's excess. Every micro-batch's loss is weighted by the a in force
+    when the step began (the previous step's update), so one step's gradient and update do not depend
+    on how its batch is split. (The official trainer discarded the first micro-batch's losses.)
+
+    Contract with the module (all `training_loss` touches): `module.model` (the proxy decoder),
+    `module.model_config` (to build the reference), `module.device`, and
+    `module.trainer.accumulate_grad_batches`. The reference checkpoint comes from the constructor or
+    `ctx.extras["reference_checkpoint"]`; alternatively set `reference_model` before training.
+    """
+
+    name = "doremi"
+
+    def __init__(
+        self,
+        mu: float = 0.01,
+        smoothing: float = 1e-3,
+        reference_checkpoint: str | None = None,
+        clip: str = "group",
+        reweight_by: str = "loss",
+        log_every: int = 10,
+        weight_with: str = "updated",
+    ) -> None:
+        if weight_with not in ("updated", "previous"):
+            raise ValueError(
+                f"method.mixer.weight_with: unknown value {weight_with!r}; allowed: ['updated', 'previous']"
+            )
+        if clip not in ("group", "token"):
+            raise ValueError(f"method.mixer.clip: unknown value {clip!r}; allowed: ['group', 'token']")
+        if reweight_by not in ("loss", "sample"):
+            raise ValueError(
+                f"method.mixer.reweight_by: unknown value {reweight_by!r}; allowed: ['loss', 'sample']"
+            )
+        if not mu > 0:
+            raise ValueError(f"method.mixer.mu: must be > 0, got {mu!r}")
+        if not 0 <= smoothing <= 1:
+            raise ValueError(f"method.mixer.smoothing: must be in [0, 1], got {smoothing!r}")
+        self.mu = float(mu)
+        self.smoothing = float(smoothing)
+        self.reference_checkpoint = reference_checkpoint
+        self.clip = clip
+        self.reweight_by = reweight_by
+        self.log_every = int(log_every)
+        # "updated" (paper, official): update alpha from this batch, then weight its loss with the new alpha.
+        # "previous": weight with the alpha in force when the step began (independent of micro-batching;
+        # always used under gradient accumulation, where the step's excess is known only at its end).
+        self.weight_with = weight_with
+        self.reference_model: torch.nn.Module | None = None
+
+    def setup(self, ctx: MixingContext) -> None:
+        super().setup(ctx)
+        if self.reference_checkpoint is None:
+            self.reference_checkpoint = ctx.extras.get("reference_checkpoint")
+        m = ctx.m
+        self.alpha = np.full(m, 1.0 / m)
+        self.avg = np.zeros(m)
+        self.n_updates = 0
+        self.scores = np.zeros(m)  # last excess per group; absent groups reuse theirs
+        self._reset_window()
+        self._last_logged = -1
+
+    def _reset_window(self) -> None:
+        m = self.ctx.m
+        # per-group sums over the micro-batches of the current optimizer step
+        self._sum_proxy = np.zeros(m)
+        self._sum_excess = np.zeros(m)  # reference loss sum ("group") or clipped token excess ("token")
+        self._count = np.zeros(m)
+        self._micro = 0
+
+    # -- reference ------------------------------------------------------------------------------
+    def _reference(self, module: MixingLM) -> torch.nn.Module:
+        if self.reference_model is None:
+            if not self.reference_checkpoint:
+                raise ValueError(
+                    "DoReMi needs a reference model: set method.mixer.reference_checkpoint or pass "
+                    "extras['reference_checkpoint'] (the stratified run's checkpoint)"
+                )
+            with torch.random.fork_rng(devices=[]):  # the throw-away init must not shift the run's RNG
+                ref = build_model(module.model_config)
+            ref.load_state_dict(load_reference_state(self.reference_checkpoint))
+            self.reference_model = ref
+        ref = self.reference_model
+        # Same dtype as the proxy's parameters; mixed precision comes from the surrounding autocast.
+        proxy_param = next(module.model.parameters())
+        ref.to(device=module.device, dtype=proxy_param.dtype)
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
+
+    # -- the step -------------------------------------------------------------------------------
+    def proportions(self) -> np.ndarray:
+        return self.alpha if self.reweight_by == "sample" else self._p
+
+    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, module: MixingLM) -> torch.Tensor:
+        m = self.ctx.m
+        gids = batch.group_ids.to(seq_loss.device)
+        ref = self._reference(module)
+        with torch.no_grad():  # the official code forgot this and kept the reference graph alive
+            ref_tok = lm_token_losses(ref, batch.tokens).float()
+            if self.clip == "group":
+                excess_rows = ref_tok.mean(dim=1)  # reference per-sequence loss
+            else:  # per-token excess needs the proxy's token losses: one extra no-grad forward
+                proxy_tok = lm_token_losses(module.model, batch.tokens).float()
+                excess_rows = (proxy_tok - ref_tok).clamp_min(0).mean(dim=1)
+            rows = torch.stack([seq_loss.detach(), excess_rows, torch.ones_like(excess_rows)]).double()
+            sums = torch.zeros(3, m, dtype=torch.float64, device=seq_loss.device).index_add_(1, gids, rows)
+            sums = sums.cpu().numpy()  # one host sync per micro-batch (the official code syncs per group)
+        self._sum_proxy += sums[0]
+        self._sum_excess += sums[1]
+        self._count += sums[2]
+
+        accumulate = max(1, int(getattr(module.trainer, "accumulate_grad_batches", 1) or 1))
+        self._micro += 1
+        updated_first = self.weight_with == "updated" and accumulate == 1
+        if updated_first:
+            self._update()
+        # Loss for this micro-batch, weighted by alpha (new, or as at the start of the step: see weight_with).
+        counts = torch.zeros(m, device=seq_loss.device, dtype=seq_loss.dtype).index_add(
+            0, gids, torch.ones_like(seq_loss)
+        )
+        group_sum = torch.zeros(m, device=seq_loss.device, dtype=seq_loss.dtype).index_add(0, gids, seq_loss)
+        group_mean = group_sum / counts.clamp_min(1)  # absent groups: 0, so they contribute nothing
+        if self.reweight_by == "sample":
+            loss = seq_loss.mean()
+        else:
+            alpha = torch.as_tensor(self.alpha, dtype=seq_loss.dtype, device=seq_loss.device)
+            loss = (alpha * group_mean).sum()
+
+        if not updated_first and self._micro >= accumulate:
+            self._update()
+        return loss
+
+    def _update(self) -> None:
+        present = self._count > 0
+        n = np.maximum(self._count, 1)
+        if self.clip == "group":
+            excess = np.maximum(self._sum_proxy / n - self._sum_excess / n, 0.0)
+        else:
+            excess = self._sum_excess / n
+        self.scores = np.where(present, excess, self.scores)
+        log_a = np.log(self.alpha) + self.mu * self.scores
+        a = np.exp(log_a - log_a.max())
+        a /= a.sum()
+        self.alpha = (1.0 - self.smoothing) * a + self.smoothing / self.ctx.m
+        self.avg += self.alpha
+        self.n_updates += 1
+        self._reset_window()
+
+    # -- reporting and checkpoints --------------------------------------------------------------
+    def final_proportions(self) -> np.ndarray | None:
+        if self.n_updates == 0:
+            return self.alpha.copy()
+        avg = self.avg / self.n_updates
+        return avg / avg.sum()
+
+    def log_metrics(self) -> dict[str, float]:
+        # nothing before the first update (asked at train start too, where Lightning forbids logging)
+        if self.n_updates in (0, self._last_logged) or self.n_updates % self.log_every != 0:
+            return {}
+        self._last_logged = self.n_updates
+        out: dict[str, float] = {}
+        for g, a, e in zip(self.ctx.groups, self.alpha, self.scores):
+            out[f"doremi/alpha/{g}"] = float(a)
+            out[f"doremi/excess/{g}"] = float(e)
+        for g, v in zip(self.ctx.groups, self.avg / self.n_updates):
+            out[f"doremi/alpha_avg/{g}"] = float(v)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "alpha": self.alpha.tolist(),
+            "avg": self.avg.tolist(),
+            "n_updates": self.n_updates,
+            "scores": self.scores.tolist(),
+            "window": {
+                "sum_proxy": self._sum_proxy.tolist(),
+                "sum_excess": self._sum_excess.tolist(),
+                "count": self._count.tolist(),
+                "micro": self._micro,
+            },
+            "last_logged": self._last_logged,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self.avg = np.asarray(state["avg"], dtype=np.float64)
+        self.n_updates = int(state["n_updates"])
+        self.scores = np.asarray(state["scores"], dtype=np.float64)
+        w = state["window"]
+        self._sum_proxy = np.asarray(w["sum_proxy"], dtype=np.float64)
+        self._sum_excess = np.asarray(w["sum_excess"], dtype=np.float64)
+        self._count = np.asarray(w["count"], dtype=np.float64)
+        self._micro = int(w["micro"])
+        self._last_logged = int(state.get("last_logged", -1))
