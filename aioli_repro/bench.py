@@ -87,13 +87,27 @@ def _make_dm(cfg: DictConfig, packed: object) -> MixtureDataModule:
 
 def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.device) -> list[float]:
     torch.manual_seed(0)
-    module = MixingLM(instantiate(cfg.model), list(cfg.groups.names), max_steps=steps, optim=_optim(cfg),
-                      log_every=cfg.train.log_every, compile=bool(cfg.train.get("compile", False)))
+    module = MixingLM(
+        instantiate(cfg.model),
+        list(cfg.groups.names),
+        max_steps=steps,
+        optim=_optim(cfg),
+        log_every=cfg.train.log_every,
+        compile=bool(cfg.train.get("compile", False)),
+    )
     timer = _StepTimer()
     trainer = L.Trainer(
-        max_steps=steps, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", callbacks=[MixingCallback(Stratified()), timer],
+        max_steps=steps,
+        accelerator=device.type,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        callbacks=[MixingCallback(Stratified()), timer],
         log_every_n_steps=cfg.train.log_every,
     )
     trainer.fit(module, datamodule=_make_dm(cfg, packed))
@@ -105,12 +119,16 @@ def _optim(cfg: DictConfig) -> OptimConfig:
     return OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps)
 
 
-def bench_plain(cfg: DictConfig, packed: object, steps: int, device: torch.device) -> tuple[list[float], dict]:
+def bench_plain(
+    cfg: DictConfig, packed: object, steps: int, device: torch.device
+) -> tuple[list[float], dict]:
     """A plain loop over the same components, instrumented per phase (syncs only for timing)."""
     torch.manual_seed(0)
     model = build_model(instantiate(cfg.model)).to(device)
     o = _optim(cfg)
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, eps=o.eps, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, eps=o.eps, fused=device.type == "cuda"
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, steps) / o.lr)
     dm = _make_dm(cfg, packed)
     method = Stratified()
@@ -141,8 +159,13 @@ def bench_plain(cfg: DictConfig, packed: object, steps: int, device: torch.devic
         t4 = time.perf_counter()
         dm.sampler.set_proportions(method.proportions(), method.composition())
         t5 = time.perf_counter()
-        for k, a, b in (("data", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("optimizer", t3, t4),
-                        ("mixing", t4, t5)):
+        for k, a, b in (
+            ("data", t0, t1),
+            ("forward", t1, t2),
+            ("backward", t2, t3),
+            ("optimizer", t3, t4),
+            ("mixing", t4, t5),
+        ):
             phases[k].append(b - a)
         times.append(t5 - t0)
     return times, phases
@@ -156,16 +179,28 @@ def bench_hf(cfg: DictConfig, steps: int, device: torch.device) -> float | None:
         return None
     mc = instantiate(cfg.model)
     hf_cfg = GPTNeoXConfig(
-        vocab_size=mc.vocab_size, hidden_size=mc.d_model, num_hidden_layers=mc.n_layer, num_attention_heads=mc.n_head,
-        intermediate_size=mc.d_ff or 4 * mc.d_model, rotary_pct=mc.rotary_pct, rotary_emb_base=mc.rotary_base,
-        max_position_embeddings=mc.context_length, use_parallel_residual=True, hidden_act="gelu",
-        tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0, layer_norm_eps=mc.layer_norm_eps,
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.d_model,
+        num_hidden_layers=mc.n_layer,
+        num_attention_heads=mc.n_head,
+        intermediate_size=mc.d_ff or 4 * mc.d_model,
+        rotary_pct=mc.rotary_pct,
+        rotary_emb_base=mc.rotary_base,
+        max_position_embeddings=mc.context_length,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        layer_norm_eps=mc.layer_norm_eps,
     )
     hf_cfg._attn_implementation = "sdpa"
     ours = build_model(mc).to(device)
     hf = GPTNeoXForCausalLM(hf_cfg).to(device)
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mc.vocab_size, (cfg.train.batch_size, cfg.train.context_length), generator=g).to(device)
+    tokens = torch.randint(
+        0, mc.vocab_size, (cfg.train.batch_size, cfg.train.context_length), generator=g
+    ).to(device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def run_ours() -> None:
@@ -196,6 +231,7 @@ def bench_methods(base: list[str], steps: int, methods: list[str]) -> dict[str, 
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
+
         def fit_time(method: str, extra: list[str], extras: dict | None = None) -> tuple[float, Path]:
             cfg = _cfg([*base, f"method={method}", f"train.max_steps={steps}", *extra])
             run_dir = Path(tmp) / method
@@ -255,7 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     _, packed = build_data(cfg)
     name = _device_name(device)
-    print(f"[bench] device: {name}; model {cfg.model}; batch {cfg.train.batch_size} x {cfg.train.context_length}")
+    print(
+        f"[bench] device: {name}; model {cfg.model}; "
+        f"batch {cfg.train.batch_size} x {cfg.train.context_length}"
+    )
 
     warm = max(3, args.steps // 10)
     plain_times, phases = bench_plain(cfg, packed, args.steps, device)
@@ -315,7 +354,9 @@ def _append_markdown(path: Path, r: dict) -> None:
     )
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmarks\n\nRows appended by `make bench` (see `aioli_repro/bench.py`).\n\n" + header)
+        path.write_text(
+            "# Benchmarks\n\nRows appended by `make bench` (see `aioli_repro/bench.py`).\n\n" + header
+        )
     text = path.read_text()
     if "| date | device |" not in text:
         text += "\n" + header
@@ -324,7 +365,8 @@ def _append_markdown(path: Path, r: dict) -> None:
         f"| {time.strftime('%Y-%m-%d')} | {r['device']} | {m.get('n_layer')}L d{m.get('d_model')} | "
         f"{r['batch_size']}×{r['context_length']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
         f"{_fmt(r['lightning_vs_plain'])} | {_fmt(r['ours_vs_hf'])} | {_fmt(r['aioli_vs_stratified'])} | "
-        f"{_fmt(r['doge_vs_stratified'])} | {_fmt(r['doremi_vs_stratified'])} | {_fmt(r['sampler_vs_step'], '.1f')} | "
+        f"{_fmt(r['doge_vs_stratified'])} | {_fmt(r['doremi_vs_stratified'])} | "
+        f"{_fmt(r['sampler_vs_step'], '.1f')} | "
         f"{_fmt(r['mfu'], '.1%') if r['mfu'] is not None else '—'} |\n"
     )
     path.write_text(text + row)

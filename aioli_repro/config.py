@@ -62,7 +62,8 @@ def validate_config(cfg: DictConfig) -> None:
     model_ctx = OmegaConf.select(cfg, "model.context_length")
     if model_ctx is not None and ctx > model_ctx:
         raise ConfigError(
-            f"train.context_length: {ctx} exceeds the model's maximum context (model.context_length={model_ctx})"
+            f"train.context_length: {ctx} exceeds the model's maximum context "
+            f"(model.context_length={model_ctx})"
         )
     if ctx < 2:
         raise ConfigError(f"train.context_length: must be >= 2, got {ctx}")

@@ -27,7 +27,10 @@ def main(cfg: DictConfig) -> None:
     except ValueError as e:  # bad method options surface as ValueError naming the field
         user_error_exit(e)
     print(format_summary(summary))
-    print(f"stages: {len(summary['stages'])} ({summary['extra_runs']} extra runs), total tokens {summary['total_tokens']:,}")
+    print(
+        f"stages: {len(summary['stages'])} ({summary['extra_runs']} extra runs), "
+        f"total tokens {summary['total_tokens']:,}"
+    )
     print(f"summary: {path}")
 
 

@@ -63,7 +63,9 @@ class JsonlLogger(Logger):
             self._fh = None
 
 
-def make_wandb_logger(run_dir: Path, cfg: dict, project: str, mode: str, name: str | None, entity: str | None):
+def make_wandb_logger(
+    run_dir: Path, cfg: dict, project: str, mode: str, name: str | None, entity: str | None
+):
     """A Lightning WandbLogger; `mode` is offline (default), online, or disabled.
 
     Online mode falls back to offline, with a message, when W&B cannot be reached or no API key is set,
@@ -72,13 +74,18 @@ def make_wandb_logger(run_dir: Path, cfg: dict, project: str, mode: str, name: s
     from lightning.pytorch.loggers import WandbLogger
 
     if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"logger.wandb.mode: unknown value {mode!r}; allowed: ['offline', 'online', 'disabled']")
+        raise ValueError(
+            f"logger.wandb.mode: unknown value {mode!r}; allowed: ['offline', 'online', 'disabled']"
+        )
     if mode == "disabled":
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
     if mode == "online" and not _wandb_reachable():
-        print("[aioli_repro] W&B is unreachable or not logged in: logging offline instead (sync later with `wandb sync`).")
+        print(
+            "[aioli_repro] W&B is unreachable or not logged in: logging offline instead "
+            "(sync later with `wandb sync`)."
+        )
         mode = "offline"
     safe_cfg = {k: v for k, v in cfg.items() if k not in _SECRET_KEYS}
     return WandbLogger(

@@ -10,7 +10,17 @@ from omegaconf import OmegaConf
 from aioli_repro.config import SETTINGS, ConfigError, validate_config
 from tests.conftest import CONF
 
-METHODS = ["stratified", "grid", "dml", "skillit", "doremi", "doge", "aioli", "aioli_static", "aioli_diagonal"]
+METHODS = [
+    "stratified",
+    "grid",
+    "dml",
+    "skillit",
+    "doremi",
+    "doge",
+    "aioli",
+    "aioli_static",
+    "aioli_diagonal",
+]
 
 
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
@@ -19,7 +29,8 @@ def test_every_setting_and_method_composes(scale, setting):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for method in METHODS:
             cfg = compose(
-                "train", overrides=[f"scale={scale}", f"groups={setting}", f"method={method}", "cache_dir=/tmp/x"]
+                "train",
+                overrides=[f"scale={scale}", f"groups={setting}", f"method={method}", "cache_dir=/tmp/x"],
             )
             OmegaConf.resolve(cfg)
             assert list(cfg.groups.names) == SETTINGS[setting]

@@ -1,4 +1,4 @@
-"""End-to-end tiny training runs through Lightning: metrics bookkeeping, no-lag proportion changes, CLI errors."""
+"""End-to-end tiny runs through Lightning: metrics bookkeeping, no-lag proportion changes, CLI errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stratified_run_end_to_end(make_cfg, tmp_path):
-    cfg = make_cfg("train.max_steps=60", "train.val_every=20", "train.checkpoint_every=30", "train.log_every=10")
+    cfg = make_cfg(
+        "train.max_steps=60", "train.val_every=20", "train.checkpoint_every=30", "train.log_every=10"
+    )
     s = run_training(cfg, tmp_path)
     groups = ["arxiv", "stackexchange"]
     assert s["groups"] == groups and s["steps"] == 60
@@ -28,7 +30,9 @@ def test_stratified_run_end_to_end(make_cfg, tmp_path):
         floor = s["loss_floor"][g]
         assert floor is not None and 0 < floor < s["test_loss"][g]
         assert math.isclose(s["test_ppl"][g], math.exp(s["test_loss"][g]), rel_tol=1e-9)
-    assert math.isclose(s["test/avg_ppl"], np.mean([math.exp(s["test_loss"][g]) for g in groups]), rel_tol=1e-9)
+    assert math.isclose(
+        s["test/avg_ppl"], np.mean([math.exp(s["test_loss"][g]) for g in groups]), rel_tol=1e-9
+    )
     assert math.isclose(
         s["test/ppl_of_mean_loss"], math.exp(np.mean([s["test_loss"][g] for g in groups])), rel_tol=1e-9
     )
@@ -93,7 +97,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_user_errors_are_one_line_no_traceback(tmp_path, cache_dir):
-    common = ["scale=tiny", "logger=none", "progress=false", f"cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/r"]
+    common = [
+        "scale=tiny",
+        "logger=none",
+        "progress=false",
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path}/r",
+    ]
     for args, needle in [
         (["groups.names=[arxiv,bogus]"], "unknown group 'bogus'"),
         (["method=static", "method.mixer.proportions=[0.5,0.6]"], "method.mixer.proportions"),

@@ -32,7 +32,9 @@ def validate_proportions(p: object, m: int, field: str = "proportions", atol: fl
     except (TypeError, ValueError) as e:
         raise ProportionError(f"{field}: not a list of numbers: {p!r}") from e
     if arr.shape[0] != m:
-        raise ProportionError(f"{field}: expected {m} values (one per group), got {arr.shape[0]}: {arr.tolist()}")
+        raise ProportionError(
+            f"{field}: expected {m} values (one per group), got {arr.shape[0]}: {arr.tolist()}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ProportionError(f"{field}: values must be finite, got {arr.tolist()}")
     if np.any(arr < 0):

@@ -17,7 +17,6 @@ keeps all its state in `state_dict()`, which the callback stores in every checkp
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +66,7 @@ class StepStats:
             return np.where(c > 0, s / np.maximum(c, 1), np.nan)
 
 
-class MixingMethod(ABC):
+class MixingMethod:
     """Base class: stratified behaviour everywhere; subclasses override what their method changes."""
 
     #: registry/config name, e.g. "aioli"

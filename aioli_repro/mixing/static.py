@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from aioli_repro.data.sampler import validate_proportions
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 
@@ -23,7 +21,9 @@ class Static(MixingMethod):
     name = "static"
     static = True
 
-    def __init__(self, proportions: Sequence[float] | dict[str, float], composition: str = "multinomial") -> None:
+    def __init__(
+        self, proportions: Sequence[float] | dict[str, float], composition: str = "multinomial"
+    ) -> None:
         self.given = proportions
         self._composition = composition
 
@@ -33,7 +33,9 @@ class Static(MixingMethod):
         if isinstance(given, dict) or hasattr(given, "keys"):
             unknown = sorted(set(given.keys()) - set(ctx.groups))
             if unknown:
-                raise ValueError(f"method.proportions: unknown groups {unknown}; the run's groups are {ctx.groups}")
+                raise ValueError(
+                    f"method.proportions: unknown groups {unknown}; the run's groups are {ctx.groups}"
+                )
             given = [float(given.get(g, 0.0)) for g in ctx.groups]
         self._p = validate_proportions(list(given), ctx.m, field="method.mixer.proportions")
 

@@ -64,12 +64,19 @@ class Pipeline:
                 reused = summary is not None
                 if summary is None:
                     self.log(f"[pipeline] stage {stage.name}: training in {d}")
-                    _write_json(d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras})
+                    _write_json(
+                        d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras}
+                    )
                     summary = run_training(stage.cfg, d, extras=stage.extras)
         if reused:
             self.log(f"[pipeline] stage {stage.name}: already done ({d})")
         self.done.append(
-            {"name": stage.name, "dir": str(d), "train_tokens": int(summary["train_tokens"]), "reused": reused}
+            {
+                "name": stage.name,
+                "dir": str(d),
+                "train_tokens": int(summary["train_tokens"]),
+                "reused": reused,
+            }
         )
         return summary
 
@@ -110,7 +117,11 @@ class Pipeline:
         val = _val_matrix(summaries, self.cfg.groups.names)  # fit on validation, never test
         pcfg = self.cfg.method.get("pipeline", {})
         law, info = fit_log_linear(
-            points, val, seed=int(self.cfg.seed), n_restarts=int(pcfg.get("restarts", 8)), ridge=float(pcfg.get("ridge", 1e-8))
+            points,
+            val,
+            seed=int(self.cfg.seed),
+            n_restarts=int(pcfg.get("restarts", 8)),
+            ridge=float(pcfg.get("ridge", 1e-8)),
         )
         c, b, A = (np.asarray(x) for x in (law.c, law.b, law.A))
 
@@ -118,8 +129,12 @@ class Pipeline:
             return float(np.sum(c + b * np.exp(-(A @ p))))
 
         p = minimize_on_simplex(total, len(points[0]), seed=int(self.cfg.seed))
-        self.log(f"[pipeline] dml: law fit R2={info.get('r2', float('nan')):.4f}; p* = {np.round(p, 3).tolist()}")
-        summary = self.run(Stage("final", derive(self.cfg, "dml", static_mixer(p)), inputs=[s["run_dir"] for s in summaries]))
+        self.log(
+            f"[pipeline] dml: law fit R2={info.get('r2', float('nan')):.4f}; p* = {np.round(p, 3).tolist()}"
+        )
+        summary = self.run(
+            Stage("final", derive(self.cfg, "dml", static_mixer(p)), inputs=[s["run_dir"] for s in summaries])
+        )
         return {**summary, "learned_proportions": _named(p, self.cfg.groups.names), "law_fit": info}
 
     def skillit(self) -> dict:
@@ -131,7 +146,9 @@ class Pipeline:
         starts, ends, dirs = [], [], []
         for j in range(m):
             onehot = np.eye(m)[j]
-            stage = Stage(f"graph{j}", derive(self.cfg, "skillit_graph", static_mixer(onehot), max_steps=steps))
+            stage = Stage(
+                f"graph{j}", derive(self.cfg, "skillit_graph", static_mixer(onehot), max_steps=steps)
+            )
             s = self.run(stage)
             starts.append(s["val_history"][0][1])  # val loss at step 0
             ends.append([s["val_loss"][g] for g in groups])
@@ -153,7 +170,9 @@ class Pipeline:
             max_steps=pcfg.get("proxy_steps"),
             batch_size=pcfg.get("proxy_batch_size"),
         )
-        proxy = self.run(Stage("proxy", proxy_cfg, extras={"reference_checkpoint": ref_ckpt}, inputs=[str(ref_dir)]))
+        proxy = self.run(
+            Stage("proxy", proxy_cfg, extras={"reference_checkpoint": ref_ckpt}, inputs=[str(ref_dir)])
+        )
         return self._final_from_proxy(proxy, "doremi")
 
     def doge(self) -> dict:
@@ -208,7 +227,9 @@ RECIPES = {
 }
 
 
-def run_method(cfg: DictConfig, results_dir: str | Path, log: Callable[[str], None] = print) -> tuple[dict, Path]:
+def run_method(
+    cfg: DictConfig, results_dir: str | Path, log: Callable[[str], None] = print
+) -> tuple[dict, Path]:
     """Run `cfg.method.name` end to end; write and return the pipeline summary and its path."""
     name = cfg.method.name
     if name not in RECIPES:

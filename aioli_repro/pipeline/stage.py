@@ -19,7 +19,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that do not change what a run computes, so they stay out of the stage hash.
-_NOT_HASHED = ("progress", "progress_refresh", "num_threads", "run_name", "logger", "cache_dir", "results_dir", "hp")
+_NOT_HASHED = (
+    "progress",
+    "progress_refresh",
+    "num_threads",
+    "run_name",
+    "logger",
+    "cache_dir",
+    "results_dir",
+    "hp",
+)
 
 
 def stage_identity(cfg: DictConfig, extras: dict | None = None) -> dict:
