@@ -99,7 +99,7 @@ def test_doremi_upweights_group_with_larger_excess(reference_ckpt: str) -> None:
         alpha_before = method.alpha.copy()
         seq = seq_losses(model, batch)
         loss = method.training_loss(batch, seq, module)
-        # paper order: alpha is updated from this batch, then weights its loss: sum_i alpha_i L_i (present groups)
+        # paper order: alpha is updated from this batch, then weights its loss: sum_i alpha_i L_i
         expected = sum(method.alpha[g] * seq[batch.group_ids == g].mean() for g in range(2))
         assert torch.allclose(loss, expected, atol=1e-6)
         assert not np.allclose(alpha_before, method.alpha) or step == 0
@@ -146,7 +146,7 @@ def test_doremi_absent_group_keeps_previous_score(reference_ckpt: str) -> None:
     method.setup(ctx())
     batch = make_batch([4, 4])
     method.training_loss(batch, seq_losses(model, batch), fake_module(model))
-    before, alpha_prev = method.scores.copy(), method.alpha.copy()
+    before = method.scores.copy()
     only_a = make_batch([6, 0], seed=3)
     loss = method.training_loss(only_a, seq_losses(model, only_a), fake_module(model))
     assert before[1] > 0 and method.scores[1] == before[1]  # b absent: its last excess is reused
