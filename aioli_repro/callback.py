@@ -4,9 +4,16 @@ After every step (and once before the first) it: hands the method the step's per
 losses, runs a per-group validation evaluation if the method asks for one, and pushes the method's
 proportions and batch composition into the sampler for the next step. Proportions are logged
 whenever they change, and the whole trajectory is kept (and checkpointed) for the run summary.
+
+StepBoundaryCheckpoint: on SIGTERM or the SLURM requeue signal, saves `last.ckpt` at the end of the
+current step (docs/reliability.md).
 """
 
 from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -23,6 +30,7 @@ class MixingCallback(L.Callback):
         self.val_history: list[tuple[int, list[float]]] = []
         self._last_p: np.ndarray | None = None
         self._pending_state: dict | None = None
+        self._is_setup = False
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -36,11 +44,19 @@ class MixingCallback(L.Callback):
         )
         self.method.setup(ctx)
         pl_module.mixing_method = self.method
+        self._is_setup = True
+        if self._pending_state is not None:
+            self._load_method_state()
+
+    def _load_method_state(self) -> None:
+        self.method.load_state_dict(self._pending_state["method"])
+        self._pending_state = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending_state is not None:  # resumed: method state restored after setup
-            self.method.load_state_dict(self._pending_state["method"])
-            self._pending_state = None
+        # Resumed: the method state was loaded in load_state_dict. Everything _after_step does for the
+        # checkpoint's step already happened before that checkpoint was written, and each part of it
+        # is idempotent (needs_validation via last_validated_step, val_history and the trajectory by
+        # step), so this only matters for a fresh run's step 0.
         self._after_step(trainer, pl_module, trainer.global_step)
 
     # -- between steps --------------------------------------------------------------------------
@@ -48,6 +64,9 @@ class MixingCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        finish = getattr(pl_module, "finish_step", None)
+        if finish is not None:  # the module's end-of-step work, before any checkpoint of this step
+            finish(step)
         if pl_module.last_stats is not None:
             self.method.on_step_end(step, pl_module.last_stats)
         self._after_step(trainer, pl_module, step)
@@ -55,7 +74,8 @@ class MixingCallback(L.Callback):
     def _after_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if self.method.needs_validation(step):
             self.method.on_validation(step, pl_module.evaluate("val", max_seqs=self._method_eval_cap()))
-        if self.val_every and step % self.val_every == 0 and step < trainer.max_steps:
+        periodic_val = self.val_every and step % self.val_every == 0 and step < trainer.max_steps
+        if periodic_val and not (self.val_history and self.val_history[-1][0] >= step):
             losses = pl_module.evaluate("val")
             self.val_history.append((step, losses.tolist()))
             groups = trainer.datamodule.groups
@@ -93,8 +113,70 @@ class MixingCallback(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning restores callbacks after `setup`, so the method is loaded right away; this also
+        # covers a checkpoint taken at max_steps, where fit ends without calling on_train_start.
         self._pending_state = state_dict
+        if self._is_setup:
+            self._load_method_state()
         self.trajectory = [(int(s), list(p)) for s, p in state_dict["trajectory"]]
         self.val_history = [(int(s), list(v)) for s, v in state_dict.get("val_history", [])]
         last = state_dict.get("last_p")
         self._last_p = None if last is None else np.asarray(last)
+
+
+class RunInterrupted(SystemExit):
+    """Training stopped on a signal after saving `last.ckpt`; the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, requeue: bool = False) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.step = int(step)
+        self.checkpoint = checkpoint
+        self.requeue = requeue
+
+
+class StepBoundaryCheckpoint(L.Callback):
+    """Saves `last.ckpt` at the end of the step during which SIGTERM or the requeue signal arrived.
+
+    Lightning turns SIGTERM into a flag and stops after the current step; this callback writes the
+    checkpoint at that step's end, at the same point of the loop as the periodic ModelCheckpoint (so
+    a resume from it is exactly as from a periodic one) and, unlike Lightning's own SLURM handler, never
+    from inside a signal handler in the middle of a step. The requeue signal (SLURM, e.g. SIGUSR1 via
+    `--signal=USR1@120`) is handled the same way, then `RunInterrupted(requeue=True)` stops the run and
+    the caller requeues the job. Place it after the MixingCallback (method state must be post-step).
+    """
+
+    def __init__(self, path: Path | None, requeue_signal: int | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.requeue_signal = requeue_signal
+        self.requeue_requested = False
+        self._previous_handler: object = None
+        self.saved_step: int | None = None
+
+    def _on_requeue_signal(self, signum: int, frame: object) -> None:
+        self.requeue_requested = True  # acted on at the end of the current step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # registered after Lightning's own handlers (it installs them just before this hook)
+        if self.requeue_signal is not None and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self.requeue_signal, self._on_requeue_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(self.requeue_signal, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        term = trainer.received_sigterm
+        step = int(trainer.global_step)
+        if not (term or self.requeue_requested) or step >= trainer.max_steps:
+            return  # nothing asked, or the last step: the run finishes normally
+        if self.path is not None and self.saved_step != step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_step = step
+        if self.requeue_requested and not term:
+            saved = self.path if self.saved_step == step else None
+            raise RunInterrupted(self.requeue_signal, step, saved, requeue=True)
+        # SIGTERM: Lightning raises SIGTERMException once this step's hooks are done

@@ -6,25 +6,65 @@ asks it for the loss to backpropagate (identity mean unless the method reweights
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 
+from aioli_repro.config import ConfigError
 from aioli_repro.evaluation import evaluate_groups
 from aioli_repro.mixing.base import Batch, MixingMethod, StepStats
 from aioli_repro.model import GPTNeoX, ModelConfig, build_model, lm_token_losses
+from aioli_repro.run_logging import JsonlLogger
+
+_CKPT_KEY = "aioli_repro"  # our extra state in every Lightning checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the groups affected."""
 
 
+def rng_state() -> dict:
+    """Python, numpy (global) and torch RNG states, as builtins/tensors (checkpoints load weights_only)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {k: np.asarray(v).tolist() for k, v in np_state["state"].items()}
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {
+        k: (np.asarray(v, dtype=np.uint32) if k == "key" else v) for k, v in np_state["state"].items()
+    }
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat(d: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(d, dict):
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
 @dataclass
 class OptimConfig:
-    """AdamW + linear warm-up then cosine decay (released code: 1e-7 -> 5e-4 over 500 steps, cosine to 1e-4)."""
+    """AdamW + linear warm-up then cosine decay (released code: 1e-7 -> 5e-4 over 500 steps, then cosine
+    to 1e-4)."""
 
     lr: float = 5e-4
     min_lr: float = 1e-4
@@ -87,8 +127,19 @@ class MixingLM(L.LightningModule):
         # running per-group train loss between logging points; device-resident, no per-step sync
         self.register_buffer("_log_sum", torch.zeros(m), persistent=False)
         self.register_buffer("_log_cnt", torch.zeros(m), persistent=False)
+        # backprop loss summed over the logging window, and the first non-finite step (-1: none) with
+        # its groups: device-resident so that a GPU step never waits on the host
+        self.register_buffer("_log_loss", torch.zeros(()), persistent=False)
+        self.register_buffer("_bad_step", torch.full((), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("_bad_groups", torch.zeros(m, dtype=torch.bool), persistent=False)
+        self.register_buffer("_bad_present", torch.zeros(m, dtype=torch.bool), persistent=False)
         self._eval_cache: dict[tuple, np.ndarray] = {}
         self.tokens_seen = 0
+        self._finished_step = -1  # the last step whose end-of-step bookkeeping ran (see finish_step)
+        self._window_start = 0  # step at which the current logging window began
+        # what determines the run's results (set by run_training); a checkpoint from another config is refused
+        self.run_identity: dict | None = None
+        self.last_checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
 
     def configure_model(self) -> None:
         if self.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
@@ -103,32 +154,154 @@ class MixingLM(L.LightningModule):
         detached = seq_loss.detach()
         m = len(self.groups)
         sums = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, detached)
-        cnts = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, torch.ones_like(detached))
+        ones = torch.ones_like(detached)
+        cnts = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, ones)
+        self._guard_finite(loss.detach(), sums, cnts)
         self.last_stats = StepStats(loss_sum=sums, count=cnts)
         self._log_sum += sums
         self._log_cnt += cnts
+        self._log_loss += loss.detach().float()
         self.tokens_seen += batch.tokens.numel()
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(seq_loss))
+        # progress bar only: train metrics reach the loggers from finish_step, stamped with the step they
+        # belong to and written before that step's checkpoint, so a resumed run logs exactly the same rows
+        self.log(
+            "train/loss", loss.detach(), on_step=True, prog_bar=True, logger=False, batch_size=len(seq_loss)
+        )
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
-        step = self.global_step
-        if step % self.log_every == 0 or step == self.max_steps:
-            self._check_finite(step)
-            means = (self._log_sum / self._log_cnt.clamp_min(1)).tolist()
-            cnt = self._log_cnt.tolist()
-            metrics = {f"train/loss/{g}": v for g, v, c in zip(self.groups, means, cnt) if c > 0}
-            metrics["train/tokens"] = float(self.tokens_seen)
-            metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log_dict(metrics, on_step=True)
-            self._log_sum.zero_()
-            self._log_cnt.zero_()
+    def _guard_finite(self, loss: torch.Tensor, sums: torch.Tensor, cnts: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss before it reaches the weights (CPU) or before any checkpoint (GPU)."""
+        bad_groups = ~torch.isfinite(sums)
+        bad = bad_groups.any() | ~torch.isfinite(loss)
+        step = self.global_step + 1  # the step being computed (global_step counts completed steps)
+        if self.device.type != "cuda":  # a host check costs nothing here: raise before backward
+            if bool(bad):
+                msg = self._nonfinite_message(step, bad_groups.tolist(), cnts.tolist(), loss)
+                raise NonFiniteLossError(msg)
+            return
+        # GPU: remember the first bad step on the device; raised at the next log point or checkpoint
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
+        self._bad_groups = torch.where(first, bad_groups, self._bad_groups)
+        self._bad_present = torch.where(first, cnts > 0, self._bad_present)
 
-    def _check_finite(self, step: int) -> None:
-        # Checked at logging points, where the values are synced anyway.
-        bad = [g for g, s in zip(self.groups, self._log_sum.tolist()) if not math.isfinite(s)]
-        if bad:
-            raise NonFiniteLossError(f"non-finite training loss by step {step} in group(s) {bad}")
+    def _nonfinite_message(self, step: int, bad_groups: list[bool], counts: list[float], loss: object) -> str:
+        names = [g for g, b in zip(self.groups, bad_groups) if b]
+        if not names:  # every group's own loss was finite: the method's combined loss was not
+            names = [g for g, c in zip(self.groups, counts) if c > 0]
+            where = f"in the method's training loss over group(s) {names}"
+        else:
+            where = f"in group(s) {names}"
+        if loss is None:  # GPU: found at a log point or checkpoint, after the step was taken
+            return (
+                f"non-finite training loss first at step {step} {where}; no checkpoint was written after it"
+            )
+        return (
+            f"non-finite training loss ({float(loss)}) at step {step} {where}; stopped before the update"
+        )
+
+    def _raise_if_nonfinite(self) -> None:
+        """GPU path: one host sync, at log points and before a checkpoint is written."""
+        step = int(self._bad_step)
+        if step >= 0:
+            present = [float(x) for x in self._bad_present.tolist()]
+            raise NonFiniteLossError(self._nonfinite_message(step, self._bad_groups.tolist(), present, None))
+
+    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+        self.finish_step(self.global_step)  # no-op when the MixingCallback already ran it
+
+    def finish_step(self, step: int) -> None:
+        """End-of-step bookkeeping: finite check and train-metric logging at log points.
+
+        Lightning runs callbacks' `on_train_batch_end` (ModelCheckpoint included) before the module's,
+        so the MixingCallback calls this first: a checkpoint of step k then holds the state after all
+        of step k's work, and the logging window restarts exactly there on resume. Idempotent per step.
+        """
+        if step == self._finished_step:
+            return
+        self._finished_step = step
+        if not (step % self.log_every == 0 or step == self.max_steps):
+            return
+        if self.device.type == "cuda":
+            self._raise_if_nonfinite()
+        means = (self._log_sum / self._log_cnt.clamp_min(1)).tolist()
+        cnt = self._log_cnt.tolist()
+        n_steps = step - self._window_start
+        metrics = {f"train/loss/{g}": v for g, v, c in zip(self.groups, means, cnt) if c > 0}
+        if n_steps > 0:
+            metrics["train/loss"] = float(self._log_loss) / n_steps
+        metrics["train/tokens"] = float(self.tokens_seen)
+        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self._log_sum.zero_()
+        self._log_cnt.zero_()
+        self._log_loss.zero_()
+        self._window_start = step
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.device.type == "cuda":
+            self._raise_if_nonfinite()  # never write a checkpoint after a non-finite step
+        checkpoint[_CKPT_KEY] = {
+            "tokens_seen": int(self.tokens_seen),
+            "log_sum": self._log_sum.detach().cpu(),
+            "log_cnt": self._log_cnt.detach().cpu(),
+            "log_loss": self._log_loss.detach().cpu(),
+            "window_start": self._window_start,
+            "finished_step": self._finished_step,
+            "rng": rng_state(),
+            "metrics_offsets": self._metrics_offsets(),
+            "identity": None if self.run_identity is None else json.dumps(self.run_identity, sort_keys=True),
+        }
+        self.last_checkpoint_step = int(self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(_CKPT_KEY)
+        if state is None:
+            return  # e.g. a weights-only checkpoint
+        self._check_identity(state.get("identity"))
+        self.tokens_seen = int(state["tokens_seen"])
+        self._log_sum.copy_(state["log_sum"])
+        self._log_cnt.copy_(state["log_cnt"])
+        self._log_loss.copy_(state["log_loss"])
+        self._window_start = int(state["window_start"])
+        self._finished_step = int(state["finished_step"])
+        set_rng_state(state["rng"])
+        self._truncate_metrics(state.get("metrics_offsets") or {})
+        self.last_checkpoint_step = int(checkpoint.get("global_step", -1))
+
+    def _check_identity(self, saved: str | None) -> None:
+        if saved is None or self.run_identity is None:
+            return
+        old, new = _flat(json.loads(saved)), _flat(json.loads(json.dumps(self.run_identity, sort_keys=True)))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        if diff:
+            unset = "<unset>"
+            shown = "; ".join(f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in diff[:5])
+            raise ConfigError(
+                f"resume: the checkpoint in this run directory was written with a different config ({shown}"
+                f"{'; ...' if len(diff) > 5 else ''}); use a new run directory or the original config"
+            )
+
+    def _jsonl_loggers(self) -> list[JsonlLogger]:
+        if self._trainer is None:
+            return []
+        return [lg for lg in self.trainer.loggers if isinstance(lg, JsonlLogger)]
+
+    def _metrics_offsets(self) -> dict[str, int]:
+        # metrics.jsonl is line-buffered, so its size is exactly the rows logged up to this checkpoint
+        return {
+            lg.path.name: (lg.path.stat().st_size if lg.path.exists() else 0) for lg in self._jsonl_loggers()
+        }
+
+    def _truncate_metrics(self, offsets: dict[str, int]) -> None:
+        # Rows logged after the checkpoint by the interrupted process are logged again by this one.
+        for lg in self._jsonl_loggers():
+            off = offsets.get(lg.path.name)
+            if off is not None and lg.path.exists() and lg.path.stat().st_size > off:
+                os.truncate(lg.path, off)
 
     def configure_optimizers(self) -> dict:
         o = self.optim
@@ -140,10 +313,14 @@ class MixingLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
         if self.optim.grad_clip and self.optim.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+            clip = self.optim.grad_clip
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, split: str, max_seqs: int | None = None, use_cache: bool = True) -> np.ndarray:

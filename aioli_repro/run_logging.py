@@ -81,12 +81,14 @@ def make_wandb_logger(
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
-    if mode == "online" and not _wandb_reachable():
-        print(
-            "[aioli_repro] W&B is unreachable or not logged in: logging offline instead "
-            "(sync later with `wandb sync`)."
-        )
-        mode = "offline"
+    if mode == "online":
+        problem = wandb_online_problem()
+        if problem is not None:
+            print(
+                f"[aioli_repro] W&B online mode unavailable ({problem}): logging offline instead "
+                "(sync later with `wandb sync`)."
+            )
+            mode = "offline"
     safe_cfg = {k: v for k, v in cfg.items() if k not in _SECRET_KEYS}
     return WandbLogger(
         save_dir=str(run_dir),
@@ -98,19 +100,52 @@ def make_wandb_logger(
     )
 
 
-def _wandb_reachable(timeout: float = 5.0) -> bool:
-    import socket
+def wandb_online_problem(timeout: float = 5.0) -> str | None:
+    """Why online W&B logging would fail or hang here (None: it works), decided within ~`timeout` s.
+
+    One authenticated GraphQL request (`viewer`), the call `wandb.init` makes first: a TCP connect is
+    not enough, since proxies and firewalls often accept connections they cannot forward. A daemon
+    thread bounds the whole check, DNS included (name resolution has no timeout of its own).
+    """
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
 
     try:
         import wandb
 
-        if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-            return False
-    except Exception:
-        return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        key = os.environ.get("WANDB_API_KEY") or wandb.api.api_key
+    except Exception as e:  # a broken wandb install or settings file
+        return f"wandb unusable: {type(e).__name__}"
+    if not key:
+        return "no API key: set WANDB_API_KEY or run `wandb login`"
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    auth = base64.b64encode(f"api:{key}".encode()).decode()
+    request = urllib.request.Request(
+        f"{base}/graphql",
+        data=json.dumps({"query": "query { viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
+    )
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                body = json.loads(r.read(1 << 16) or b"{}")
+            ok = isinstance(body, dict) and ((body.get("data") or {}).get("viewer") is not None)
+            result.append(None if ok else f"{base} did not accept the API key")
+        except urllib.error.HTTPError as e:
+            rejected = e.code in (401, 403)
+            result.append(f"{base} answered HTTP {e.code}" + (" (API key rejected)" if rejected else ""))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            result.append(f"cannot reach {base}: {getattr(e, 'reason', e)}")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return result[0] if result else f"no answer from {base} within {timeout:g} s"
+
+
+def _wandb_reachable(timeout: float = 5.0) -> bool:
+    return wandb_online_problem(timeout) is None

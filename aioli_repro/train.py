@@ -7,20 +7,30 @@ directory. `run_training(cfg, run_dir)` is the same thing callable in-process (p
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
-import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from aioli_repro.callback import MixingCallback
+from aioli_repro.callback import MixingCallback, RunInterrupted, StepBoundaryCheckpoint
 from aioli_repro.config import ConfigError, validate_config
 from aioli_repro.data.cache import build_packed
 from aioli_repro.data.datamodule import MixtureDataModule
@@ -31,20 +41,198 @@ from aioli_repro.evaluation import avg_ppl, group_perplexities, ppl_of_mean_loss
 from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 from aioli_repro.model import ModelConfig
+from aioli_repro.pipeline.stage import stage_identity
 from aioli_repro.run_logging import JsonlLogger, make_wandb_logger
 
-USER_ERRORS = (ConfigError, DataError, ProportionError, NonFiniteLossError)
+
+class CheckpointError(RuntimeError):
+    """A run directory's checkpoint cannot be resumed from (truncated or corrupt file)."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another process is training in the same run directory."""
+
+
+USER_ERRORS = (ConfigError, DataError, ProportionError, NonFiniteLossError, CheckpointError, RunDirInUse)
+
+# Config keys that may change between a run and its resume without changing what it computes.
+_RESUME_FREE = {
+    "train": ("checkpoint_every",),
+    "trainer": ("slurm_requeue", "requeue_signal"),
+    "data": ("verify_checksums", "rebuild_on_mismatch"),
+}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write then rename (same directory, fsync'd): readers see the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    _atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file next to the target, fsync, rename.
+
+    Lightning's own save writes through an fsspec transaction whose temporary file lives in the
+    system temp dir, so on a cluster (/tmp local, runs on a shared filesystem) the final move is a
+    copy, and a kill during it leaves a truncated `last.ckpt`. Local paths only.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options is not supported")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def check_checkpoint_readable(path: Path) -> None:
+    """Cheap integrity check (the zip directory at the end of the file) before Lightning unpickles it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            ok = any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"resume: {path} is not a readable checkpoint ({e}); it was damaged outside this code "
+            "(checkpoints are written atomically). Delete it to restart from step 0, or restore a copy"
+        ) from e
+    if not ok:
+        raise CheckpointError(f"resume: {path} is not a torch checkpoint (no data.pkl); delete it to restart")
+
+
+def run_identity(cfg: DictConfig, extras: dict | None) -> dict:
+    """What determines a run's results: the pipeline's stage identity minus keys free to change on resume."""
+    ident = stage_identity(cfg, extras)
+    for section, free in _RESUME_FREE.items():
+        if isinstance(ident.get(section), dict):
+            ident[section] = {k: v for k, v in ident[section].items() if k not in free}
+    return ident
+
+
+def slurm_job_id() -> str | None:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_setup(cfg: DictConfig) -> tuple[list, int | None]:
+    """(Trainer plugins, requeue signal or None) for this process.
+
+    Under SLURM, Lightning's default SLURMEnvironment(auto_requeue=True) saves an `hpc_ckpt_*.ckpt` from
+    inside its SIGUSR1 handler, i.e. in the middle of a step (sampler already advanced, optimizer not),
+    and prefers that file on the next start. We keep Lightning's SLURM environment with auto_requeue off
+    and handle the requeue signal ourselves at the next step boundary (StepBoundaryCheckpoint), then
+    `scontrol requeue` the job: the requeued job resumes exactly.
+    """
+    plugins: list = []
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer_cfg = cfg.get("trainer") or {}
+    if slurm_job_id() is None or not bool(trainer_cfg.get("slurm_requeue", True)):
+        return plugins, None
+    name = str(trainer_cfg.get("requeue_signal", "SIGUSR1")).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    allowed = ["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT"]
+    if name not in allowed:
+        raise ConfigError(f"trainer.requeue_signal: unknown value {name!r}; allowed: {allowed}")
+    return plugins, int(getattr(signal, name))
+
+
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue` this job (array task aware); False, with a message, if that fails."""
+    job = slurm_job_id()
+    if job is None:
+        return False
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"[aioli_repro] could not requeue SLURM job {job}: {e}", file=sys.stderr)
+        return False
+    if r.returncode != 0:
+        err = r.stderr.strip()
+        print(f"[aioli_repro] scontrol requeue {job} failed ({r.returncode}): {err}", file=sys.stderr)
+        return False
+    print(f"[aioli_repro] requeued SLURM job {job}", file=sys.stderr)
+    return True
+
+
+def check_prerequisites(method: MixingMethod) -> None:
+    """Inputs produced by an earlier stage must exist before any work starts (DoReMi's reference)."""
+    if hasattr(method, "reference_checkpoint") and getattr(method, "reference_model", None) is None:
+        ref = method.reference_checkpoint
+        if not ref:
+            raise ConfigError(
+                "method.mixer.reference_checkpoint: DoReMi needs the reference model's checkpoint (missing "
+                "prerequisite stage); run `python -m aioli_repro.run method=doremi ...`, whose first stage "
+                "trains it, or set method.mixer.reference_checkpoint=<run>/checkpoints/final.ckpt"
+            )
+        if not Path(ref).is_file():
+            raise ConfigError(
+                f"method.mixer.reference_checkpoint: missing prerequisite stage: {str(ref)!r} does not exist "
+                "(the reference run has not finished, or the path is wrong)"
+            )
+
+
+def build(node: DictConfig, field: str) -> Any:
+    """`instantiate`, with a bad value or target reported as the user error it is (Hydra wraps them).
+
+    Constructors raise DataError/ValueError/TypeError naming the field; Hydra turns those into a
+    multi-line InstantiationException (exit 1, "set HYDRA_FULL_ERROR"), which the entry points would
+    not recognise. Other exceptions propagate unchanged: they are bugs, and keep their traceback.
+    """
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            msg = str(cause)
+            raise ConfigError(msg if msg.startswith(field) else f"{field}: {msg}") from None
+        if isinstance(cause, ImportError) or cause is None:
+            raise ConfigError(f"{field}._target_: {' '.join(str(e).split())}") from None
+        raise
 
 
 def build_data(cfg: DictConfig) -> tuple[object, object]:
     """Instantiate the source and tokenizer, check groups and vocab, return the packed cache."""
-    source = instantiate(cfg.data.source)
+    source = build(cfg.data.source, "data.source")
     groups = list(cfg.groups.names)
     source.check_groups(groups)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -53,7 +241,18 @@ def build_data(cfg: DictConfig) -> tuple[object, object]:
             f"data.tokenizer: {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
             f"{cfg.model.vocab_size}; choose a larger model vocab or another tokenizer"
         )
-    packed = build_packed(
+    try:
+        packed = _build_packed(cfg, source, tokenizer, groups)
+    except DataError as e:
+        if "rebuild_on_mismatch" not in str(e):
+            raise
+        plus = "" if "rebuild_on_mismatch" in cfg.data else "+"
+        raise DataError(f"{e} (command line: {plus}data.rebuild_on_mismatch=true)") from None
+    return source, packed
+
+
+def _build_packed(cfg: DictConfig, source: object, tokenizer: object, groups: list[str]) -> object:
+    return build_packed(
         source,
         tokenizer,
         groups,
@@ -61,8 +260,10 @@ def build_data(cfg: DictConfig) -> tuple[object, object]:
         cache_dir=cfg.cache_dir,
         seed=cfg.data.get("seed", 0),
         progress=cfg.get("progress", True),
+        # sha256 of every file used (about 1 s per GB): a flipped bit must not reach a results table
+        verify_checksums=bool(cfg.data.get("verify_checksums", True)),
+        rebuild_on_mismatch=bool(cfg.data.get("rebuild_on_mismatch", False)),
     )
-    return source, packed
 
 
 def resolve_precision(value: str) -> str:
@@ -77,22 +278,60 @@ def run_training(
     method: MixingMethod | None = None,
     extras: dict | None = None,
 ) -> dict:
-    """Train one run as configured; return (and write) its summary. Resumes from `run_dir/checkpoints/last.ckpt`."""
+    """Train one run as configured; return (and write) its summary.
+
+    Resumes from `run_dir/checkpoints/last.ckpt` when it exists (bitwise on CPU); see docs/reliability.md.
+    """
     validate_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_dir_lock(run_dir):
+        return _run_training(cfg, run_dir, method, extras)
+
+
+@contextmanager
+def _run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """One training process per run directory (two would interleave logs and overwrite checkpoints).
+
+    Non-blocking, unlike the pipeline's stage lock (which waits, then reuses the finished stage): two
+    plain train commands that land in one directory (e.g. started in the same second) are a mistake.
+    """
+    with open(run_dir / ".train.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirInUse(
+                f"run directory {run_dir} is in use by another training process; wait for it to finish "
+                "or pick another directory (hydra.run.dir=...)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, extras: dict | None) -> dict:
     t0 = time.time()
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     groups = list(cfg.groups.names)
-    model_cfg: ModelConfig = instantiate(cfg.model)
-    method = method if method is not None else instantiate(cfg.method.mixer)
+    model_cfg: ModelConfig = build(cfg.model, "model")
+    method = method if method is not None else build(cfg.method.mixer, "method.mixer")
     t = cfg.train
     # Validate the method's options against the run before any data is packed (setup runs again in fit).
     try:
-        method.setup(MixingContext(groups, int(t.max_steps), int(t.batch_size), int(cfg.seed), dict(extras or {})))
+        ctx = MixingContext(groups, int(t.max_steps), int(t.batch_size), int(cfg.seed), dict(extras or {}))
+        method.setup(ctx)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
+    check_prerequisites(method)
+    plugins, requeue_signal = slurm_setup(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if last.exists():
+        check_checkpoint_readable(last)
+    for leftover in ckpt_dir.glob("*.tmp-*"):  # from a save killed half-way (never renamed into place)
+        leftover.unlink(missing_ok=True)
     _, packed = build_data(cfg)
     dm = MixtureDataModule(
         packed,
@@ -103,7 +342,11 @@ def run_training(
         test_max_seqs=t.test_max_seqs,
     )
     optim = OptimConfig(
-        lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
     )
     module = MixingLM(
         model_cfg,
@@ -114,9 +357,11 @@ def run_training(
         log_every=t.log_every,
         compile=bool(t.get("compile", False)),
     )
+    module.run_identity = run_identity(cfg, extras)
     mixing = MixingCallback(method, extras=extras, val_every=int(t.val_every or 0))
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[L.Callback] = [mixing]
+    # after the MixingCallback (it saves post-step state); Lightning moves ModelCheckpoint last
+    boundary = StepBoundaryCheckpoint(last if t.checkpoint_every else None, requeue_signal)
+    callbacks: list[L.Callback] = [mixing, boundary]
     if t.checkpoint_every:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(
@@ -124,7 +369,8 @@ def run_training(
             )
         )
     if cfg.get("progress", True):
-        callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 20))))
+        refresh = int(cfg.get("progress_refresh", 20))
+        callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=refresh))
 
     flat_cfg = OmegaConf.to_container(cfg, resolve=True)
     loggers: list = [JsonlLogger(run_dir)]
@@ -148,11 +394,25 @@ def run_training(
         limit_val_batches=0,
         deterministic=bool(cfg.trainer.get("deterministic", False)),
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO(), *plugins],
     )
-    last = ckpt_dir / "last.ckpt"
     resumed_from = str(last) if last.exists() else None
+    _atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     t_fit = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
+    except SIGTERMException:
+        raise _interrupted(signal.SIGTERM, trainer, boundary, last) from None
+    except RunInterrupted as e:  # the requeue signal: checkpoint written at the step boundary
+        requeued = requeue_slurm_job() if trainer.is_global_zero else False
+        raise _interrupted(e.signum, trainer, boundary, last, requeued) from None
+    except NonFiniteLossError as e:
+        kept = (
+            f"; last good checkpoint: {last} (step {module.last_checkpoint_step})"
+            if last.exists() and module.last_checkpoint_step is not None
+            else "; no checkpoint was written before it"
+        )
+        raise NonFiniteLossError(f"{e}{kept}") from None
     fit_s = time.time() - t_fit
     # the final weights, for later stages (DoReMi's reference model)
     trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
@@ -161,6 +421,7 @@ def run_training(
     test = module.evaluate("test")
     step = int(trainer.global_step)
     tokens = step * t.batch_size * t.context_length
+    learned = method.final_proportions()
     summary = {
         "setting": cfg.groups.get("label", "/".join(groups)),
         "groups": groups,
@@ -181,7 +442,7 @@ def run_training(
         "loss_floor": {g: packed.loss_floor(g, "test") for g in groups},
         "final_proportions": dict(zip(groups, map(float, method.proportions()))),
         "learned_proportions": (
-            None if method.final_proportions() is None else dict(zip(groups, map(float, method.final_proportions())))
+            None if learned is None else dict(zip(groups, map(float, learned)))
         ),
         "trajectory": mixing.trajectory,
         "val_history": mixing.val_history,
@@ -213,9 +474,21 @@ def run_training(
         wandb_logger.experiment.finish()
     for logger in loggers:
         logger.finalize("success")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    _atomic_write_json(run_dir / "summary.json", summary)
+    _atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
     return summary
+
+
+def _interrupted(
+    signum: int, trainer: L.Trainer, boundary: StepBoundaryCheckpoint, last: Path, requeued: bool = False
+) -> RunInterrupted:
+    """Say where a signal stopped the run and how it resumes; the exit status is 128 + signum."""
+    step = int(trainer.global_step)
+    saved = last if last.exists() else None
+    name = signal.Signals(signum).name
+    where = f"checkpoint {saved}" if saved is not None else "no checkpoint (the run restarts from step 0)"
+    how = "the job was requeued" if requeued else "run the same command again to resume"
+    print(f"[aioli_repro] {name}: stopped after step {step}; {where}; {how}", file=sys.stderr)
+    return RunInterrupted(signum, step, saved, requeue=requeued)
 
 
 def format_summary(summary: dict) -> str:
@@ -226,9 +499,13 @@ def format_summary(summary: dict) -> str:
         floor = summary["loss_floor"].get(g)
         fl = f"{floor:9.3f}" if floor is not None else f"{'-':>9}"
         lines.append(
-            f"  {g:<16}{summary['val_loss'][g]:>10.4f}{summary['test_loss'][g]:>11.4f}{summary['test_ppl'][g]:>11.3f}{fl}"
+            f"  {g:<16}{summary['val_loss'][g]:>10.4f}{summary['test_loss'][g]:>11.4f}"
+            f"{summary['test_ppl'][g]:>11.3f}{fl}"
         )
-    lines.append(f"  test/avg_ppl = {summary['test/avg_ppl']:.4f}   (exp of mean loss {summary['test/ppl_of_mean_loss']:.4f})")
+    lines.append(
+        f"  test/avg_ppl = {summary['test/avg_ppl']:.4f}   "
+        f"(exp of mean loss {summary['test/ppl_of_mean_loss']:.4f})"
+    )
     p = ", ".join(f"{g}={v:.3f}" for g, v in summary["final_proportions"].items())
     lines.append(f"  final proportions: {p}")
     lines.append(f"  {summary['steps']} steps, {summary['train_tokens']:,} tokens, {summary['wall_s']:.1f} s")
@@ -236,7 +513,9 @@ def format_summary(summary: dict) -> str:
 
 
 def user_error_exit(e: Exception) -> None:
-    print(f"error: {e}", file=sys.stderr)
+    """One line on stderr (no traceback) and exit status 2."""
+    msg = " ".join(str(e).split())
+    print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 

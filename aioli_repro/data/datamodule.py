@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from aioli_repro.data.cache import PackedGroups
 from aioli_repro.data.sampler import MixtureSampler
+from aioli_repro.data.source import DataError
 from aioli_repro.mixing.base import Batch
 
 
@@ -71,8 +72,21 @@ class MixtureDataModule(L.LightningDataModule):
             return [self.packed.test[g] for g in self.groups], self.test_max_seqs
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
 
+    def _data_key(self) -> str | None:
+        return (getattr(self.packed, "manifest", None) or {}).get("key_hash")
+
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        # the cache key pins the exact packed data: a resume on other data would silently train on it
+        return {"sampler": self.sampler.state_dict(), "data_key": self._data_key()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.sampler.load_state_dict(state_dict["sampler"])
+        saved, now = state_dict.get("data_key"), self._data_key()
+        if saved is not None and now is not None and saved != now:
+            raise DataError(
+                f"resume: the checkpoint was trained on data cache {saved}, this run's data is cache {now} "
+                "(the source, tokenizer, context length or data seed changed); use a new run directory"
+            )
+        try:
+            self.sampler.load_state_dict(state_dict["sampler"])
+        except ValueError as e:  # group sizes differ: the data changed under the run
+            raise DataError(f"resume: {e}") from e

@@ -1,0 +1,583 @@
+"""Exact resume, determinism, SLURM requeue, atomic files and idempotent pipelines (docs/reliability.md).
+
+Every resume test compares a killed-and-resumed run with an uninterrupted one and asserts bitwise
+equality of the numbers a table is built from (final val/test losses, the proportions trajectory,
+learned proportions, delivered sequences, periodic val losses) and of `metrics.jsonl`.
+
+Default suite: in-process kills (an exception, or a real SIGTERM/SIGUSR1 sent to the test process,
+which Lightning and our handlers turn into a clean stop). Slow suite (`make test-slow`): the kill
+matrix over every online method with real SIGTERM/SIGKILL in subprocesses of the CLI entry points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from aioli_repro.callback import RunInterrupted
+from aioli_repro.lm_module import MixingLM
+from aioli_repro.pipeline.recipes import run_method
+from aioli_repro.pipeline.stage import read_summary
+from aioli_repro.train import AtomicCheckpointIO, run_training, slurm_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+# What a results table is built from: all must match bitwise after a resume.
+RESULT_KEYS = (
+    "steps",
+    "train_tokens",
+    "test_loss",
+    "val_loss",
+    "test/avg_ppl",
+    "val/avg_ppl",
+    "trajectory",
+    "val_history",
+    "final_proportions",
+    "learned_proportions",
+    "delivered_sequences",
+)
+
+BASE = [
+    "scale=tiny",
+    "logger=none",
+    "progress=false",
+    "num_threads=1",
+    "train.val_max_seqs=16",
+    "train.test_max_seqs=16",
+    "train.warmup_steps=4",  # the LR schedule passes warm-up and cosine within the run
+]
+STRATIFIED = ["train.max_steps=24", "train.checkpoint_every=4", "train.val_every=6", "train.log_every=4"]
+# One Aioli round = 12 steps: probe intervals [0,3) [3,6), exploitation [6,12); then again from 12.
+AIOLI = [
+    *STRATIFIED,
+    "method=aioli",
+    "method.mixer.update_steps=12",
+    "method.mixer.lp_rounds=1",
+    "method.mixer.lp_steps=3",
+]
+
+
+def _j(x: object) -> object:
+    return json.loads(json.dumps(x))  # tuples -> lists; floats round-trip exactly
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    for k in RESULT_KEYS:
+        assert _j(a[k]) == _j(b[k]), (k, a[k], b[k])
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def compose_cfg(cache_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=[*BASE, f"cache_dir={cache_dir}", *overrides])
+
+
+class Crash(Exception):
+    pass
+
+
+class Interrupt(L.Callback):
+    """At the start of step k + 1 (global_step == k): raise (a crash) or signal this process."""
+
+    def __init__(self, at: int, how: str | int) -> None:
+        self.at, self.how, self.fired = at, how, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at and not self.fired:
+            self.fired = True
+            if self.how == "crash":
+                raise Crash(f"crash in step {self.at + 1}")
+            os.kill(os.getpid(), self.how)  # handled at the next bytecode, i.e. in the middle of the step
+
+
+def with_interrupt(monkeypatch: pytest.MonkeyPatch, at: int, how: str | int) -> None:
+    init = L.Trainer.__init__
+
+    def patched(self, *args, callbacks=None, **kwargs):
+        init(self, *args, callbacks=[*(callbacks or []), Interrupt(at, how)], **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", patched)
+
+
+@pytest.fixture(scope="module")
+def stratified_baseline(cache_dir, tmp_path_factory) -> tuple[dict, Path]:
+    d = tmp_path_factory.mktemp("stratified_baseline")
+    return run_training(compose_cfg(cache_dir, *STRATIFIED), d), d
+
+
+@pytest.fixture(scope="module")
+def aioli_baseline(cache_dir, tmp_path_factory) -> tuple[dict, Path]:
+    d = tmp_path_factory.mktemp("aioli_baseline")
+    return run_training(compose_cfg(cache_dir, *AIOLI), d), d
+
+
+# -- fast: in-process kills --------------------------------------------------------------------------
+def test_crash_then_resume_is_bitwise(cache_dir, tmp_path, monkeypatch, stratified_baseline):
+    # crash in step 11 (checkpoints every 4 steps): resumes from step 8 and redoes 9-10
+    ref, ref_dir = stratified_baseline
+    cfg = compose_cfg(cache_dir, *STRATIFIED)
+    with monkeypatch.context() as mp:
+        with_interrupt(mp, 10, "crash")
+        with pytest.raises(Crash):
+            run_training(cfg, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 8
+    s = run_training(cfg, tmp_path)
+    assert s["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert_same_results(ref, s)
+    assert metrics_rows(tmp_path) == metrics_rows(ref_dir)  # rows after the checkpoint are not doubled
+
+
+def test_sigterm_inside_learnparams_then_resume_is_bitwise(cache_dir, tmp_path, monkeypatch, aioli_baseline):
+    # SIGTERM arrives during step 5, inside the second probe interval [3, 6) of round 0: the run saves
+    # at the end of step 5 (not a periodic step), exits 143 without a summary, and resumes from there.
+    ref, ref_dir = aioli_baseline
+    cfg = compose_cfg(cache_dir, *AIOLI)
+    with monkeypatch.context() as mp:
+        with_interrupt(mp, 4, signal.SIGTERM)
+        with pytest.raises(RunInterrupted) as exc:
+            run_training(cfg, tmp_path)
+    assert exc.value.code == 128 + signal.SIGTERM and exc.value.step == 5
+    assert not (tmp_path / "summary.json").exists()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5
+    method = next(v for k, v in ckpt["callbacks"].items() if "MixingCallback" in k)["method"]
+    assert method["round"] == 0 and method["n_drops"] == 1 and method["prev_tau"] == 1  # mid-LearnParams
+    s = run_training(cfg, tmp_path)
+    assert s["resumed_from"] == str(last)
+    assert_same_results(ref, s)
+    assert metrics_rows(tmp_path) == metrics_rows(ref_dir)
+
+
+def test_checkpoint_holds_the_whole_state(aioli_baseline):
+    _, d = aioli_baseline
+    ckpt = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 24
+    assert ckpt["optimizer_states"][0]["state"]  # AdamW moments
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 24
+    assert any(k.startswith("model.") for k in ckpt["state_dict"])
+    sampler = ckpt["MixtureDataModule"]["sampler"]
+    assert {"rng", "epoch", "pos", "deficit", "delivered", "proportions", "composition"} <= set(sampler)
+    cb = next(v for k, v in ckpt["callbacks"].items() if "MixingCallback" in k)
+    m = cb["method"]
+    assert {"round", "G", "prev", "counts", "logw", "p", "A_ema", "rng", "last_validated"} <= set(m)
+    assert m["round"] == 1 and len(m["history"]) == 2 and cb["trajectory"]
+    extra = ckpt["aioli_repro"]
+    assert {"python", "numpy", "torch"} <= set(extra["rng"])
+    assert extra["tokens_seen"] == 24 * 8 * 256 and extra["identity"]
+    assert not list((d / "checkpoints").glob("*.tmp-*"))
+
+
+def test_kill_after_training_before_summary(cache_dir, tmp_path, monkeypatch, aioli_baseline):
+    # killed during the final test evaluation: last.ckpt is at max_steps, so fit restores and returns at
+    # once (Lightning never calls on_train_start); the method state must still be restored
+    ref, ref_dir = aioli_baseline
+    cfg = compose_cfg(cache_dir, *AIOLI)
+    evaluate = MixingLM.evaluate
+
+    def dies_in_test_eval(self, split, *args, **kwargs):
+        if split == "test":
+            raise Crash("killed in the final evaluation")
+        return evaluate(self, split, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MixingLM, "evaluate", dies_in_test_eval)
+        with pytest.raises(Crash):
+            run_training(cfg, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    s = run_training(cfg, tmp_path)
+    assert s["resumed_from"] is not None
+    assert_same_results(ref, s)
+    assert metrics_rows(tmp_path) == metrics_rows(ref_dir)
+
+
+def test_same_seed_identical_different_seed_differs(cache_dir, tmp_path, stratified_baseline):
+    ref, _ = stratified_baseline
+    again = run_training(compose_cfg(cache_dir, *STRATIFIED), tmp_path / "same")
+    assert_same_results(ref, again)
+    other = run_training(compose_cfg(cache_dir, *STRATIFIED, "seed=1"), tmp_path / "other")
+    assert other["test_loss"] != ref["test_loss"]
+    assert other["delivered_sequences"] != ref["delivered_sequences"]  # the sampler reseeds too
+
+
+def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch, stratified_baseline):
+    from aioli_repro.config import ConfigError
+
+    cfg = compose_cfg(cache_dir, *STRATIFIED)
+    with monkeypatch.context() as mp:
+        with_interrupt(mp, 5, "crash")
+        with pytest.raises(Crash):
+            run_training(cfg, tmp_path)
+    changed = compose_cfg(cache_dir, *STRATIFIED, "train.lr=1e-3")
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.002 -> 0\.001"):
+        run_training(changed, tmp_path)
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 4  # untouched
+    # keys that do not change the results may differ: the resume goes on, bitwise
+    free = ["train.checkpoint_every=3", "+data.rebuild_on_mismatch=true"]
+    s = run_training(compose_cfg(cache_dir, *STRATIFIED, *free), tmp_path)
+    assert s["resumed_from"] is not None
+    assert_same_results(stratified_baseline[0], s)
+
+
+# -- SLURM ----------------------------------------------------------------------------------------
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "aioli",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+def _clear_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+
+
+def test_slurm_requeue_is_configured_from_the_environment(cache_dir, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    cfg = compose_cfg(cache_dir, *STRATIFIED)
+    _clear_slurm(monkeypatch)
+    assert slurm_setup(cfg) == ([], None)
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    plugins, sig = slurm_setup(cfg)
+    assert sig == signal.SIGUSR1
+    (env,) = plugins
+    # Lightning's own handler would save mid-step from inside the signal handler: ours saves at the boundary
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    trainer = L.Trainer(plugins=[AtomicCheckpointIO(), *plugins], logger=False, enable_progress_bar=False)
+    assert trainer._accelerator_connector.cluster_environment is env
+    with open_dict(cfg):
+        cfg.trainer.slurm_requeue = False
+        assert slurm_setup(cfg)[1] is None
+        cfg.trainer.slurm_requeue = True
+        cfg.trainer.requeue_signal = "USR2"
+    assert slurm_setup(cfg)[1] == signal.SIGUSR2
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    from aioli_repro.train import slurm_job_id
+
+    assert slurm_job_id() == "77_3"
+
+
+def test_slurm_sigusr1_saves_requeues_and_resumes_bitwise(
+    cache_dir, tmp_path, monkeypatch, stratified_baseline
+):
+    ref, ref_dir = stratified_baseline
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    _clear_slurm(monkeypatch)
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    cfg = compose_cfg(cache_dir, *STRATIFIED)
+    run = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        with_interrupt(mp, 6, signal.SIGUSR1)  # arrives during step 7
+        with pytest.raises(RunInterrupted) as exc:
+            run_training(cfg, run)
+    assert exc.value.code == 128 + signal.SIGUSR1 and exc.value.requeue
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 7  # the step boundary, not a periodic step
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handler removed after the run
+    s = run_training(cfg, run)
+    assert_same_results(ref, s)
+    assert metrics_rows(run) == metrics_rows(ref_dir)
+
+
+def test_submitit_style_exit_mid_step_resumes_bitwise(cache_dir, tmp_path, monkeypatch, stratified_baseline):
+    # conf/hydra/launcher/slurm_*: submitit handles SIGUSR2 itself (requeue, then sys.exit(-1) from the
+    # signal handler, wherever the step is); the requeued job resumes from the last periodic checkpoint
+    ref, ref_dir = stratified_baseline
+
+    def submitit_like(signum, frame):
+        sys.exit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        cfg = compose_cfg(cache_dir, *STRATIFIED)
+        with monkeypatch.context() as mp:
+            with_interrupt(mp, 13, signal.SIGUSR2)
+            with pytest.raises(SystemExit):
+                run_training(cfg, tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 12
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+    s = run_training(cfg, tmp_path)
+    assert_same_results(ref, s)
+    assert metrics_rows(tmp_path) == metrics_rows(ref_dir)
+
+
+# -- atomic files and idempotent pipelines ------------------------------------------------------------
+def test_checkpoint_write_is_atomic(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    good = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - pickling fails half-way through the write
+        io.save_checkpoint({"step": 2, "w": torch.ones(1000), "bad": lambda: 0}, path)
+    assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp-*"))
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+MICRO = [
+    "train.max_steps=8",
+    "train.checkpoint_every=4",
+    "train.val_every=4",
+    "train.log_every=4",
+    "train.val_max_seqs=8",
+    "train.test_max_seqs=8",
+]
+
+
+def test_pipeline_never_redoes_a_finished_stage_and_distrusts_a_torn_summary(cache_dir, tmp_path):
+    cfg = compose_cfg(cache_dir, "method=stratified", *MICRO)
+    logs: list[str] = []
+    first, path = run_method(cfg, tmp_path, log=logs.append)
+    (stage_dir,) = [Path(s["dir"]) for s in first["stages"]]
+    mtime = (stage_dir / "summary.json").stat().st_mtime_ns
+    again, _ = run_method(cfg, tmp_path, log=logs.append)
+    assert again["stages"][0]["reused"] and (stage_dir / "summary.json").stat().st_mtime_ns == mtime
+    assert sum("training in" in line for line in logs) == 1
+    # a torn summary.json (e.g. copied by hand, or a crash on a filesystem without atomic rename) is
+    # not a finished stage: the stage resumes from its checkpoint (at max_steps: evaluation only)
+    text = (stage_dir / "summary.json").read_text()
+    (stage_dir / "summary.json").write_text(text[: len(text) // 2])
+    assert read_summary(stage_dir) is None
+    third, _ = run_method(cfg, tmp_path, log=logs.append)
+    assert not third["stages"][0]["reused"] and third["resumed_from"] is not None
+    assert_same_results(first, third)
+    assert json.loads(path.read_text())["test/avg_ppl"] == first["test/avg_ppl"]
+
+
+# -- slow: the kill matrix with real signals, in subprocesses of the CLI --------------------------------
+KILL_WRAPPER = """
+import os, runpy, signal, sys
+import lightning as L
+
+AT, SIG = int(os.environ["KILL_AT"]), getattr(signal, os.environ["KILL_SIG"])
+ONLY = os.environ.get("KILL_METHOD")
+
+
+class _Kill(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        name = getattr(getattr(pl_module, "mixing_method", None), "name", None)
+        if trainer.global_step == AT and (not ONLY or name == ONLY):
+            os.kill(os.getpid(), SIG)  # lands in the middle of step AT + 1
+
+
+_init = L.Trainer.__init__
+
+
+def _patched(self, *a, callbacks=None, **k):
+    _init(self, *a, callbacks=[*(callbacks or []), _Kill()], **k)
+
+
+L.Trainer.__init__ = _patched
+mod = sys.argv[1]
+sys.argv = [mod, *sys.argv[2:]]
+runpy.run_module(mod, run_name="__main__", alter_sys=True)
+"""
+
+MATRIX_COMMON = ["train.max_steps=40", "train.checkpoint_every=5", "train.val_every=10", "train.log_every=5"]
+# (method, overrides). Aioli: rounds of 20 steps, probe intervals [0,3) [3,6) and [20,23) [23,26).
+MATRIX_METHODS = {
+    "stratified": [],
+    "aioli": [
+        "method=aioli",
+        "method.mixer.update_steps=20",
+        "method.mixer.lp_rounds=1",
+        "method.mixer.lp_steps=3",
+    ],
+    "skillit": [
+        "method=skillit",
+        "method.mixer.graph=[[0.5,0.1],[0.2,0.4]]",
+        "method.mixer.update_steps=10",
+        "method.mixer.eval_every=5",
+    ],
+    "doremi": ["method=doremi"],  # + the stratified baseline's final.ckpt as reference
+    "doge": ["method=doge", "train.max_steps=20"],
+}
+# (method, signal, k): the signal lands in step k + 1. SIGKILL resumes from the last periodic
+# checkpoint (multiple of 5 <= k); SIGTERM from a boundary checkpoint at step k + 1.
+KILL_MATRIX = [
+    ("stratified", "SIGKILL", 17),
+    ("stratified", "SIGTERM", 8),
+    ("aioli", "SIGKILL", 7),  # resumes from 5: inside probe interval [3, 6)
+    ("aioli", "SIGTERM", 5),  # saves at 6: the last LearnParams evaluation of round 0
+    ("aioli", "SIGTERM", 20),  # saves at 21: inside probe interval [20, 23) of round 1
+    ("aioli", "SIGKILL", 22),  # resumes from 20: the round boundary (L^0 of round 1 already taken)
+    ("skillit", "SIGKILL", 12),  # resumes from 10: right after an update
+    ("skillit", "SIGTERM", 14),  # saves at 15: an eval step between updates
+    ("doremi", "SIGKILL", 13),
+    ("doremi", "SIGTERM", 6),
+    ("doge", "SIGKILL", 11),
+    ("doge", "SIGTERM", 3),
+]
+
+
+def _train_cli(args: list[str], cwd: Path, env: dict | None = None, wrapper: Path | None = None):
+    cmd = [sys.executable, *([str(wrapper)] if wrapper else ["-m"]), "aioli_repro.train", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def cli_baselines(cache_dir, tmp_path_factory):
+    """Uninterrupted CLI runs per method, made on first use."""
+    root = tmp_path_factory.mktemp("cli_baselines")
+    done: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in done:
+            d = root / method
+            r = _train_cli(_matrix_args(method, cache_dir, d, get), ROOT)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[method] = d
+        return done[method]
+
+    return get
+
+
+def _matrix_args(method: str, cache_dir: Path, run_dir: Path, baselines) -> list[str]:
+    args = [*BASE, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *MATRIX_COMMON]
+    args += MATRIX_METHODS[method]
+    if method == "doremi":
+        ref = baselines("stratified") / "checkpoints" / "final.ckpt"
+        args.append(f"method.mixer.reference_checkpoint={ref}")
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "sig", "k"), KILL_MATRIX, ids=[f"{m}-{s}-{k}" for m, s, k in KILL_MATRIX])
+def test_kill_matrix_resumes_bitwise(method, sig, k, cache_dir, tmp_path, cli_baselines):
+    ref_dir = cli_baselines(method)
+    wrapper = tmp_path / "kill_wrapper.py"
+    wrapper.write_text(KILL_WRAPPER)
+    run_dir = tmp_path / "run"
+    args = _matrix_args(method, cache_dir, run_dir, cli_baselines)
+    env = {**os.environ, "KILL_AT": str(k), "KILL_SIG": sig}
+    r = _train_cli(args, ROOT, env=env, wrapper=wrapper)
+    assert r.returncode == (-9 if sig == "SIGKILL" else 143), (r.returncode, r.stderr[-3000:])
+    assert not (run_dir / "summary.json").exists()
+    expected = k + 1 if sig == "SIGTERM" else (k // 5) * 5
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == expected
+    if sig == "SIGTERM":
+        assert f"stopped after step {k + 1}" in r.stderr and "Traceback" not in r.stderr
+    r2 = _train_cli(args, ROOT)  # the same command again
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a = json.loads((ref_dir / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert b["resumed_from"] is not None
+    assert_same_results(a, b)
+    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+
+
+def _run_cli(results: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [*BASE, f"cache_dir={cache_dir}", f"results_dir={results}", *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "aioli_repro.run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, results: Path, pattern: str, step: int, sig: int) -> None:
+    """Send `sig` once some stage matching `pattern` has logged a row at or past `step`."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        for f in results.glob(f"{pattern}/metrics.jsonl"):
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.endswith("}")]
+            if any((r.get("step") or 0) >= step for r in rows):
+                proc.send_signal(sig)
+                proc.communicate(timeout=600)
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-2000:]}")
+
+
+PIPELINE_KILLS = [
+    ("aioli", "aioli-run-*", 7, signal.SIGKILL),
+    ("aioli", "aioli-run-*", 23, signal.SIGTERM),
+    ("doremi", "doremi-proxy-*", 12, signal.SIGKILL),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "pattern", "step", "sig"),
+    PIPELINE_KILLS,
+    ids=[f"{m}-{s.name}-{k}" for m, _, k, s in PIPELINE_KILLS],
+)
+def test_run_command_killed_externally_then_rerun(method, pattern, step, sig, cache_dir, tmp_path):
+    """`python -m aioli_repro.run` killed by another process at an arbitrary point, then run again."""
+    extra = [f"method={method}", *MATRIX_COMMON, "hp.doremi.proxy_steps=40"]
+    if method == "aioli":
+        extra += ["hp.aioli.update_steps=20", "hp.aioli.lp_rounds=1", "hp.aioli.lp_steps=3"]
+    ref = _run_cli(tmp_path / "ref", cache_dir, *extra)
+    out, err = ref.communicate(timeout=900)
+    assert ref.returncode == 0, err[-3000:]
+    killed = _run_cli(tmp_path / "res", cache_dir, *extra)
+    _kill_when(killed, tmp_path / "res", pattern, step, sig)
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGTERM), killed.returncode
+    (stage,) = list((tmp_path / "res").glob(pattern))
+    assert not (stage / "summary.json").exists()
+    again = _run_cli(tmp_path / "res", cache_dir, *extra)
+    out, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    (a,) = [json.loads(p.read_text()) for p in (tmp_path / "ref").glob(f"{method}-pipeline-*/summary.json")]
+    (b,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob(f"{method}-pipeline-*/summary.json")]
+    assert_same_results(a, b)
+    resumed = json.loads((stage / "summary.json").read_text())
+    assert resumed["resumed_from"] is not None
+    (ref_stage,) = list((tmp_path / "ref").glob(pattern))
+    assert metrics_rows(stage) == metrics_rows(ref_stage)
+
+
+@pytest.mark.slow
+def test_two_sweeps_share_cache_and_results_without_corruption(tmp_path):
+    """Two identical pipelines start at once on a fresh cache and one results root."""
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    extra = ["method=stratified", *MICRO]
+    procs = [_run_cli(results, cache, *extra) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert sum(o.count("training in") for o, _ in outs) == 1  # the stage lock: trained once
+    assert sum(o.count("already done") for o, _ in outs) == 1
+    (summary,) = list(results.glob("stratified-pipeline-*/summary.json"))
+    (stage,) = [p for p in results.glob("stratified-run-*") if p.is_dir()]
+    final = json.loads(summary.read_text())
+    assert final["test/avg_ppl"] == json.loads((stage / "summary.json").read_text())["test/avg_ppl"]
+    from aioli_repro.data.cache import load_packed
+
+    (root,) = [p for p in cache.iterdir() if p.is_dir()]
+    load_packed(root, verify_checksums=True)  # every file matches its manifest checksum
