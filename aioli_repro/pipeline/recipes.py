@@ -162,30 +162,23 @@ class Pipeline:
     def doremi(self) -> dict:
         _, ref_dir = self.stratified_run()
         ref_ckpt = str(ref_dir / "checkpoints" / "final.ckpt")
-        pcfg = self.cfg.method.get("pipeline", {})
-        proxy_cfg = derive(
-            self.cfg,
-            "doremi",
-            OmegaConf.to_container(self.cfg.method.mixer, resolve=True),
-            max_steps=pcfg.get("proxy_steps"),
-            batch_size=pcfg.get("proxy_batch_size"),
+        proxy_stage = Stage(
+            "proxy", self._proxy_cfg("doremi"), {"reference_checkpoint": ref_ckpt}, [str(ref_dir)]
         )
-        proxy = self.run(
-            Stage("proxy", proxy_cfg, extras={"reference_checkpoint": ref_ckpt}, inputs=[str(ref_dir)])
-        )
+        proxy = self.run(proxy_stage)
         return self._final_from_proxy(proxy, "doremi")
 
     def doge(self) -> dict:
-        pcfg = self.cfg.method.get("pipeline", {})
-        proxy_cfg = derive(
-            self.cfg,
-            "doge",
-            OmegaConf.to_container(self.cfg.method.mixer, resolve=True),
-            max_steps=pcfg.get("proxy_steps"),
-            batch_size=pcfg.get("proxy_batch_size"),
-        )
-        proxy = self.run(Stage("proxy", proxy_cfg))
+        proxy = self.run(Stage("proxy", self._proxy_cfg("doge")))
         return self._final_from_proxy(proxy, "doge")
+
+    def _proxy_cfg(self, name: str) -> DictConfig:
+        """The proxy stage: the method's mixer at the pipeline's proxy budget."""
+        pcfg = self.cfg.method.get("pipeline", {})
+        mixer = OmegaConf.to_container(self.cfg.method.mixer, resolve=True)
+        return derive(
+            self.cfg, name, mixer, max_steps=pcfg.get("proxy_steps"), batch_size=pcfg.get("proxy_batch_size")
+        )
 
     def _final_from_proxy(self, proxy: dict, name: str) -> dict:
         learned = proxy.get("learned_proportions")
