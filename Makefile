@@ -47,3 +47,13 @@ bench: $(STAMP)
 
 clean-cache:
 	rm -rf .cache/aioli
+
+# The paper's tables. SCALE=tiny (CPU miniature, synthetic groups) | paper (160M, SlimPajama);
+# unset: paper when a CUDA GPU is present, else tiny (the driver prints which and why).
+SCALE ?= auto
+.PHONY: reproduce-table2 reproduce-table3
+reproduce-table2: $(STAMP)
+	$(PY) -m aioli_repro.reproduce table2 --scale $(SCALE) $(ARGS)
+
+reproduce-table3: $(STAMP)
+	$(PY) -m aioli_repro.reproduce table3 --scale $(SCALE) $(ARGS)
