@@ -94,38 +94,59 @@ class ModelOutput(NamedTuple):
     token_loss: torch.Tensor | None = None  # (B, T) fp32, 0 where the target is IGNORE_INDEX
 
 
-def _rotary_cos_sin(
-    seq_len: int, rotary_dim: int, base: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables (T, rotary_dim), computed exactly as HF does.
+_ROTARY_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    Recomputed every forward (cheap) rather than cached in a buffer, so that casting the model
-    (e.g. to bf16) or building it on the meta device never corrupts them.
+
+def _rotary_cos_sin(
+    seq_len: int, rotary_dim: int, base: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin tables (T, 1, 1, rotary_dim) in `dtype`, computed in fp32 exactly as HF does.
+
+    sin carries rotate_half's sign (-sin on the first half), so rotation is x*cos + swap_halves(x)*sin.
+    Cached per (shape, device, dtype) in a module-level table rather than a buffer, so that casting the
+    model (e.g. to bf16) or building it on the meta device never corrupts them; the tables are small and
+    never require grad. Recomputing them and the per-layer casts was ~30% of the tiny model's CPU forward.
     """
+    compiling = torch.compiler.is_compiling()  # under torch.compile the tables fuse into the graph
+    key = (seq_len, rotary_dim, base, str(device), dtype)
+    hit = None if compiling else _ROTARY_CACHE.get(key)
+    if hit is not None:
+        return hit
+    # never inference tensors (a table made during evaluation is reused by training, which saves it
+    # for backward)
+    with torch.inference_mode(False):
+        cos, sin = _rotary_tables(seq_len, rotary_dim, base, device, dtype)
+    if not compiling:
+        if len(_ROTARY_CACHE) > 64:  # many distinct lengths (evaluation tails): keep it bounded
+            _ROTARY_CACHE.clear()
+        _ROTARY_CACHE[key] = (cos, sin)
+    return cos, sin
+
+
+def _rotary_tables(
+    seq_len: int, rotary_dim: int, base: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
     inv_freq = inv_freq.to(device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin = torch.cat((-sin[:, : rotary_dim // 2], sin[:, rotary_dim // 2 :]), dim=-1)
+    # (T, 1, 1, rot): broadcasts over heads and over the stacked (q, k) axis
+    return emb.cos().to(dtype)[:, None, None, :], sin.to(dtype)[:, None, None, :]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, head_dim); rotates the first cos.shape[-1] dims of every head (GPT-NeoX rotate_half)."""
+def _apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qk: (B, T, H, 2, head_dim), q and k stacked; rotates the first cos.shape[-1] dims of every head
+    (GPT-NeoX rotate_half), both q and k in one pass."""
     rot = cos.shape[-1]
     if rot == 0:
-        return x
-    # (T, 1, rot): broadcast over heads; cast to x's dtype (bf16 under autocast) as HF does, so
-    # q/k stay in half precision for the attention kernel
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1)
+        return qk
+    x_rot, x_pass = qk[..., :rot], qk[..., rot:]
+    # rotate_half(x) * sin == roll(x, half) * sign-folded sin
+    x_rot = x_rot * cos + torch.roll(x_rot, rot // 2, dims=-1) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
 class Attention(nn.Module):
@@ -140,10 +161,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         # HF layout: the fused projection is [q, k, v] per head, not [all q, all k, all v].
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, H, hd)
-        q = _apply_rotary(q, cos, sin)
-        k = _apply_rotary(k, cos, sin)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_dim)
+        qk = _apply_rotary(qkv[..., :2, :], cos, sin)
+        q, k, v = qk[..., 0, :], qk[..., 1, :], qkv[..., 2, :]  # each (B, T, H, hd)
         if self.use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             out = _flash_attn_func(q, k, v.contiguous(), dropout_p=0.0, causal=True)  # (B, T, H, hd)
         else:
@@ -194,8 +214,12 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_in(input_ids)
+        # cast once per forward to the activations' dtype (bf16 under autocast), as HF casts per layer,
+        # so q/k stay in half precision for the attention kernel
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         cos, sin = _rotary_cos_sin(
-            input_ids.shape[1], self.cfg.rotary_dim, float(self.cfg.rotary_base), x.device
+            input_ids.shape[1], self.cfg.rotary_dim, float(self.cfg.rotary_base), x.device, dtype
         )
         for layer in self.layers:
             x = layer(x, cos, sin)

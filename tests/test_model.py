@@ -216,6 +216,42 @@ def test_rotary_makes_attention_order_aware():
         torch.testing.assert_close(no_rope(x).logits[0, -1], no_rope(y).logits[0, -1], rtol=0, atol=1e-5)
 
 
+def test_rotary_tables_made_in_inference_mode_serve_training_and_autocast():
+    # The cos/sin tables are cached across forwards. A table first built under inference_mode (an
+    # evaluation before the first training step) must still be saved for backward by a training step,
+    # and autocast must get tables in its own dtype, not the fp32 ones cached earlier.
+    model = _tiny_model(seed=0)
+    x = torch.randint(0, 320, (2, 37), generator=torch.Generator().manual_seed(0))  # a fresh length
+    with torch.inference_mode():
+        ref = model(x).logits
+    out = model(x).logits
+    out.float().pow(2).mean().backward()  # raises if a cached table is an inference tensor
+    assert model.gpt_neox.layers[0].attention.query_key_value.weight.grad is not None
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(x).logits
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("rotary_pct", [0.5, 1.0])
+def test_rotary_matches_rotate_half_reference(rotary_pct: float):
+    # GPT-NeoX rotary written out as HF writes it (cat + rotate_half), against our cached, sign-folded,
+    # q-and-k-at-once version; rotary_pct 1.0 has no pass-through dims.
+    from aioli_repro.model import _apply_rotary, _rotary_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    qk = torch.randn(2, 9, 3, 2, 16, generator=g)
+    rot = int(16 * rotary_pct)
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    emb = torch.cat([torch.arange(9.0)[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos()[:, None, None, :], emb.sin()[:, None, None, :]
+    x1, x2 = qk[..., : rot // 2], qk[..., rot // 2 : rot]
+    expected = torch.cat([qk[..., :rot] * cos + torch.cat([-x2, x1], -1) * sin, qk[..., rot:]], -1)
+    got = _apply_rotary(qk, *_rotary_cos_sin(9, rot, 10000.0, qk.device))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 def test_gradients_flow_and_tiny_model_trains():
     torch.manual_seed(0)
     model = build_model(_load_yaml_config("tiny"))
