@@ -9,7 +9,9 @@ Reported:
   optimizer / mixing (an instrumented loop over the same components);
 - lightning_vs_plain: our Lightning step time / a plain PyTorch loop's (framework overhead);
 - ours_vs_hf: our decoder's forward+backward time / HF GPTNeoXForCausalLM's on the same config;
-- <method>_vs_stratified: wall-clock of each online method / stratified for the same steps;
+- <method>_vs_stratified: wall-clock of each online method / stratified for the same steps, and
+  <method>_eval_share: the part of that method's wall-clock spent in its own validation passes
+  (Aioli's LearnParams evaluations);
 - sampler_vs_step: the sampler's tokens/s / the training step's tokens/s;
 - mfu (GPU only): (6N + attention) FLOPs per token × tokens/s / the device's peak bf16 FLOP/s.
 """
@@ -236,6 +238,9 @@ def bench_methods(base: list[str], steps: int, methods: list[str]) -> dict[str, 
             cfg = _cfg([*base, f"method={method}", f"train.max_steps={steps}", *extra])
             run_dir = Path(tmp) / method
             s = run_training(cfg, run_dir, extras=extras)
+            if s.get("method_evals"):  # the method's own validation passes (Aioli: LearnParams)
+                out[f"{method}_eval_share"] = s["method_eval_s"] / s["fit_s"]
+                out[f"{method}_evals"] = s["method_evals"]
             return s["fit_s"], run_dir
 
         t_strat, strat_dir = fit_time("stratified", ["train.checkpoint_every=0"])

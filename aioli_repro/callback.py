@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,10 @@ class MixingCallback(L.Callback):
         self._last_p: np.ndarray | None = None
         self._pending_state: dict | None = None
         self._is_setup = False
+        # wall time of the method's own validation passes (Aioli's LearnParams, Skill-It) in this process:
+        # the main extra cost of an online method, reported in the summary and by the benchmark
+        self.method_eval_s = 0.0
+        self.method_evals = 0
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -73,7 +78,11 @@ class MixingCallback(L.Callback):
 
     def _after_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if self.method.needs_validation(step):
-            self.method.on_validation(step, pl_module.evaluate("val", max_seqs=self._method_eval_cap()))
+            t0 = time.perf_counter()
+            losses = pl_module.evaluate("val", max_seqs=self._method_eval_cap())  # host numpy: synced
+            self.method_eval_s += time.perf_counter() - t0
+            self.method_evals += 1
+            self.method.on_validation(step, losses)
         periodic_val = self.val_every and step % self.val_every == 0 and step < trainer.max_steps
         if periodic_val and not (self.val_history and self.val_history[-1][0] >= step):
             losses = pl_module.evaluate("val")

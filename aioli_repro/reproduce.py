@@ -23,7 +23,7 @@
 3. `tables.build_table2` / `build_table3` -> `<out-dir>/table2.{csv,md,png}` (+ `table2_vs_paper.md`).
 4. The table and the wall time are printed.
 
-`--scale tiny` is the CPU miniature `conf/scale/table_tiny.yaml` (synthetic groups, 160 steps, 1 seed);
+`--scale tiny` is the CPU miniature `conf/scale/table_tiny.yaml` (synthetic groups, 128-step runs, 1 seed);
 `--scale paper` is `conf/scale/paper.yaml` (Pythia-160m on SlimPajama-6B, 5 / 3 seeds); `auto` picks
 paper when a CUDA GPU is present and tiny otherwise. Any other name is a `conf/scale/` file.
 Extra positional arguments are Hydra overrides applied to every job (e.g. `train.max_steps=20`).

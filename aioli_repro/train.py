@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,10 @@ class CheckpointError(RuntimeError):
 class RunDirInUse(RuntimeError):
     """Another process is training in the same run directory."""
 
+
+# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per fit: nothing a user can act
+# on, and it repeats for every stage of a sweep.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 USER_ERRORS = (ConfigError, DataError, ProportionError, NonFiniteLossError, CheckpointError, RunDirInUse)
 
@@ -451,6 +456,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         "wall_s": time.time() - t0,
         "fit_s": fit_s,
         "steps_per_s": (step / fit_s) if fit_s > 0 else None,
+        "method_eval_s": mixing.method_eval_s,  # this process's share of fit_s (not across a resume)
+        "method_evals": mixing.method_evals,
         "run_dir": str(run_dir),
     }
     for logger in loggers:

@@ -73,6 +73,8 @@ def test_aioli_pipeline_single_online_run(make_cfg, tmp_path):
     ps = [tuple(p) for _, p in s["trajectory"]]
     assert (0.625, 0.375) in ps and (0.375, 0.625) in ps
     assert len(ps) >= 3
+    # one round, m = 2: L^0 and one evaluation after each probe interval, timed inside the fit
+    assert s["method_evals"] == 3 and 0 < s["method_eval_s"] < s["fit_s"]
 
 
 def test_grid_and_dml_share_one_sweep(make_cfg, tmp_path):
