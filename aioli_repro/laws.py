@@ -149,8 +149,16 @@ def fit_log_linear(
             th0[0] = float(np.clip(th0[0], 0.0, c_hi * (1 - 1e-12)))
             try:
                 res = optimize.least_squares(
-                    resid, th0, jac=jac, bounds=(lb, ub), method="trf", x_scale="jac",
-                    xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=max_nfev,
+                    resid,
+                    th0,
+                    jac=jac,
+                    bounds=(lb, ub),
+                    method="trf",
+                    x_scale="jac",
+                    xtol=1e-12,
+                    ftol=1e-12,
+                    gtol=1e-12,
+                    max_nfev=max_nfev,
                 )
             except (ValueError, FloatingPointError):
                 continue
@@ -211,7 +219,9 @@ def minimize_on_simplex(
     inits = [np.zeros(m)] + [np.log(rng.dirichlet(np.ones(m)) + 1e-12) for _ in range(n_restarts)]
     for y0 in inits:
         res = optimize.minimize(
-            g, y0, method="Nelder-Mead",
+            g,
+            y0,
+            method="Nelder-Mead",
             options={"maxiter": 4000 * m, "xatol": 1e-10, "fatol": 1e-14, "adaptive": m > 3},
         )
         p = _softmax(res.x)
@@ -224,8 +234,12 @@ def minimize_on_simplex(
         cons = ({"type": "eq", "fun": lambda p: np.sum(p) - 1.0, "jac": lambda p: np.ones_like(p)},)
         for _, p0 in sorted(cands, key=lambda t: t[0])[:3]:
             res = optimize.minimize(
-                lambda p: float(f(_project(p))), p0, method="SLSQP", bounds=[(0.0, 1.0)] * m,
-                constraints=cons, options={"maxiter": 500, "ftol": 1e-15},
+                lambda p: float(f(_project(p))),
+                p0,
+                method="SLSQP",
+                bounds=[(0.0, 1.0)] * m,
+                constraints=cons,
+                options={"maxiter": 500, "ftol": 1e-15},
             )
             p = _project(res.x)
             cands.append((float(f(p)), p))

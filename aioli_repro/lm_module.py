@@ -196,9 +196,7 @@ class MixingLM(L.LightningModule):
             return (
                 f"non-finite training loss first at step {step} {where}; no checkpoint was written after it"
             )
-        return (
-            f"non-finite training loss ({float(loss)}) at step {step} {where}; stopped before the update"
-        )
+        return f"non-finite training loss ({float(loss)}) at step {step} {where}; stopped before the update"
 
     def _raise_if_nonfinite(self) -> None:
         """GPU path: one host sync, at log points and before a checkpoint is written."""

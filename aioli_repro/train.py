@@ -446,9 +446,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         "test/ppl_of_mean_loss": ppl_of_mean_loss(test),
         "loss_floor": {g: packed.loss_floor(g, "test") for g in groups},
         "final_proportions": dict(zip(groups, map(float, method.proportions()))),
-        "learned_proportions": (
-            None if learned is None else dict(zip(groups, map(float, learned)))
-        ),
+        "learned_proportions": (None if learned is None else dict(zip(groups, map(float, learned)))),
         "trajectory": mixing.trajectory,
         "val_history": mixing.val_history,
         "delivered_sequences": dict(zip(groups, map(int, dm.sampler.delivered))),
