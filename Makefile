@@ -38,6 +38,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aioli_repro tests
+	$(VENV)/bin/ruff format --check aioli_repro tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format aioli_repro tests
