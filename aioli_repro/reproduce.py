@@ -10,8 +10,9 @@
    expanded exactly as Hydra's basic sweeper expands them. Pipelines whose summary already exists are
    skipped; every other one runs its stages, and finished stages inside it are reused (by config hash).
    Launchers:
-     inprocess          (default) sequentially in this process through the pipeline API, one progress
-                        line per pipeline; the fastest on a CPU
+     inprocess          (default) through the pipeline API, one progress line per pipeline: in this
+                        process, or --n-jobs worker processes (default: one per CPU core at scale
+                        tiny, 1 otherwise); the fastest on a CPU
      local              Hydra multirun, basic launcher (`python -m aioli_repro.run -m experiment=...`)
      local_parallel     Hydra multirun with joblib, --n-jobs pipelines at a time, one torch thread each
      slurm              Hydra multirun with submitit: slurm_rtx6000ada for m = 2, 3, slurm_a100 for m = 7
@@ -171,6 +172,12 @@ def sweep_params(experiment: str, arguments: Sequence[str] = ()) -> dict:
     return dict(OmegaConf.to_container(c.hydra.sweeper.params))
 
 
+def _is_hydra_override(arg: str) -> bool:
+    """`hydra.launcher.partition=gpu` and the like: for the Hydra command line, not the job configs
+    (a launcher's fields do not exist until the launcher is chosen)."""
+    return arg.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] == "hydra"
+
+
 def _is_sweep_key(arg: str, key: str) -> bool:
     return arg.split("=", 1)[0].lstrip("+~") == key
 
@@ -320,24 +327,88 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def run_inprocess(
-    table: str, jobs: list[Job], results_dir: Path, verbose: bool = False
-) -> list[tuple[Job, str]]:
-    """Run the pending jobs one after the other in this process; return [(job, error)] of failures."""
+def _execute(table: str, cfg: DictConfig, results_dir: Path, log: Callable[[str], None]) -> list[dict]:
+    """Run one job's pipeline(s); the pipeline summaries."""
     from aioli_repro.pipeline.recipes import run_method
     from aioli_repro.restricted import run_restricted
 
+    if table == "table3":
+        return [s for s, _ in run_restricted(cfg, results_dir, log).values()]
+    return [run_method(cfg, results_dir, log)[0]]
+
+
+def _done_line(summaries: list[dict], stage_log: list[str], seconds: float) -> str:
+    trained = sum("training in" in m for m in stage_log)
+    reused = sum("already done" in m for m in stage_log)
+    ppl = ", ".join(f"{s.get('variant') or 'ppl'} {s['test/avg_ppl']:.3f}" for s in summaries)
+    return f"done in {seconds:.1f} s ({trained} stages trained, {reused} reused; test avg {ppl})"
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet_lightning()
+
+
+def _worker(table: str, overrides: list[str], results_dir: Path, verbose: bool) -> dict:
+    """One job in a worker process (parallel in-process runs): composes its config and runs it."""
+    stage_log: list[str] = []
+    t = time.time()
+    try:
+        cfg = compose_job(overrides)
+        if not verbose:
+            cfg = OmegaConf.merge(cfg, {"progress": False})
+        summaries = _execute(table, cfg, results_dir, stage_log.append)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "log": stage_log, "seconds": time.time() - t}
+    return {"summaries": summaries, "log": stage_log, "seconds": time.time() - t}
+
+
+def default_n_jobs(scale_cfg: str) -> int:
+    """Pipelines at a time for the in-process launcher: one per CPU core for the CPU miniature (each run
+    uses one torch thread; a 1M-parameter model gains little from a second), one on a GPU."""
+    if scale_cfg != "table_tiny":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def run_inprocess(
+    table: str, jobs: list[Job], results_dir: Path, verbose: bool = False, n_jobs: int = 1
+) -> list[tuple[Job, str]]:
+    """Run the pending jobs, one at a time in this process (n_jobs = 1) or n_jobs at a time in worker
+    processes; return [(job, error)] of failures. A job that reuses another job's stage (DML: grid's
+    sweep, DoReMi: the stratified run) starts after that job, so no worker waits on a stage lock."""
     _quiet_lightning()
     failures: list[tuple[Job, str]] = []
     pending = [j for j in jobs if not j.done]
     t0, n = time.time(), len(jobs)
     width = len(str(n))
-    for i, job in enumerate(jobs, 1):
-        head = f"[{i:>{width}}/{n}] {job.label}"
+    number = {id(j): i for i, j in enumerate(jobs, 1)}
+
+    def head(job: Job) -> str:
+        return f"[{number[id(job)]:>{width}}/{n}] {job.label}"
+
+    def progress() -> str:
+        finished = sum(1 for j in pending if j.done)
+        left = len(pending) - finished - len(failures)
+        elapsed = time.time() - t0
+        eta = f", ETA {_fmt_s(elapsed / finished * left)}" if finished and left > 0 else ""
+        return f"[elapsed {_fmt_s(elapsed)}{eta}]"
+
+    for job in jobs:
         if job.done:
-            print(f"{head}: already done ({job.dirs[0].name})", flush=True)
-            continue
-        print(f"{head}: running", flush=True)
+            print(f"{head(job)}: already done ({job.dirs[0].name})", flush=True)
+    if n_jobs > 1 and len(pending) > 1:
+        _run_pool(table, pending, results_dir, verbose, n_jobs, head, progress, failures)
+        return failures
+
+    for job in pending:
+        print(f"{head(job)}: running", flush=True)
         cfg = job.cfg
         if not verbose:
             cfg = OmegaConf.merge(cfg, {"progress": False})
@@ -345,36 +416,79 @@ def run_inprocess(
 
         def log(msg: str, stage_log: list[str] = stage_log) -> None:
             stage_log.append(msg)
-            if verbose or "training in" in msg:
+            if verbose or "training in" in msg or "warning" in msg:
                 print(f"      {msg}", flush=True)
 
         t = time.time()
         try:
-            if table == "table3":
-                out = run_restricted(cfg, results_dir, log)
-                summaries = [s for s, _ in out.values()]
-            else:
-                summaries = [run_method(cfg, results_dir, log)[0]]
+            summaries = _execute(table, cfg, results_dir, log)
         except Exception as e:  # keep going: the table shows what finished, failures are listed at the end
             failures.append((job, f"{type(e).__name__}: {e}"))
-            print(f"{head}: FAILED after {time.time() - t:.1f} s: {type(e).__name__}: {e}", flush=True)
+            print(f"{head(job)}: FAILED after {time.time() - t:.1f} s: {type(e).__name__}: {e}", flush=True)
             if verbose:
                 traceback.print_exc()
             continue
         job.done = True
-        trained = sum("training in" in m for m in stage_log)
-        reused = sum("already done" in m for m in stage_log)
-        ppl = ", ".join(f"{s.get('variant') or 'ppl'} {s['test/avg_ppl']:.3f}" for s in summaries)
-        left = sum(1 for j in pending if not j.done) - len([f for f in failures])
-        elapsed = time.time() - t0
-        finished = sum(1 for j in pending if j.done)
-        eta = f", ETA {_fmt_s(elapsed / finished * max(left, 0))}" if finished and left > 0 else ""
-        print(
-            f"{head}: done in {time.time() - t:.1f} s ({trained} stages trained, {reused} reused; "
-            f"test avg {ppl}) [elapsed {_fmt_s(elapsed)}{eta}]",
-            flush=True,
-        )
+        print(f"{head(job)}: {_done_line(summaries, stage_log, time.time() - t)} {progress()}", flush=True)
     return failures
+
+
+DEPENDS_ON = {"dml": "grid", "doremi": "stratified"}  # method -> the method whose stages it reuses
+
+
+def _run_pool(
+    table: str,
+    pending: list[Job],
+    results_dir: Path,
+    verbose: bool,
+    n_jobs: int,
+    head: Callable[[Job], str],
+    progress: Callable[[], str],
+    failures: list[tuple[Job, str]],
+) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    by_cell = {(j.experiment, j.setting, j.seed, j.method): j for j in pending}
+    failed: set[int] = set()
+
+    def ready(job: Job) -> bool:
+        dep = by_cell.get((job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, "")))
+        return dep is None or dep.done or id(dep) in failed
+
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) // n_jobs)
+    print(f"[reproduce] {n_jobs} pipelines at a time (worker processes, {threads} torch thread each)")
+    queue = list(pending)
+    running: dict = {}
+    # spawn, not fork: the parent has imported torch (and its thread pools)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+        while queue or running:
+            for job in [j for j in queue if ready(j)][: n_jobs - len(running)]:
+                queue.remove(job)
+                running[ex.submit(_worker, table, job.overrides, results_dir, verbose)] = job
+                print(f"{head(job)}: running", flush=True)
+            if not running:  # only jobs whose prerequisite is missing: run them anyway
+                job = queue.pop(0)
+                running[ex.submit(_worker, table, job.overrides, results_dir, verbose)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    out = fut.result()
+                except Exception as e:  # the worker process died (killed, out of memory)
+                    out = {"error": f"worker died: {type(e).__name__}: {e}", "log": [], "seconds": 0.0}
+                for msg in out["log"]:
+                    if verbose or "training in" in msg or "warning" in msg:
+                        print(f"      {msg}", flush=True)
+                if "error" in out:
+                    failures.append((job, out["error"]))
+                    failed.add(id(job))
+                    print(f"{head(job)}: FAILED after {out['seconds']:.1f} s: {out['error']}", flush=True)
+                    continue
+                job.done = True
+                line = _done_line(out["summaries"], out["log"], out["seconds"])
+                print(f"{head(job)}: {line} {progress()}", flush=True)
 
 
 def hydra_commands(
@@ -414,6 +528,7 @@ def hydra_commands(
                 if n_jobs:
                     args.append(f"hydra.launcher.n_jobs={n_jobs}")
                 env["OMP_NUM_THREADS"] = "1"
+            args += [o for o in extra if _is_hydra_override(o)]  # launcher fields: after the launcher
             cmds.append(([sys.executable, "-m", ENTRYPOINT[table], "-m", *args], env))
     return cmds
 
@@ -576,7 +691,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results/runs", help="stage and pipeline outputs")
     p.add_argument("--out-dir", default="results", help="where table2.{csv,md,png} go")
     p.add_argument("--launcher", default="inprocess", choices=LAUNCHERS)
-    p.add_argument("--n-jobs", type=int, default=None, help="local_parallel: pipelines at a time")
+    p.add_argument(
+        "--n-jobs",
+        type=int,
+        default=None,
+        help="pipelines at a time (inprocess, local_parallel); inprocess default: one per CPU core at "
+        "scale tiny, 1 otherwise",
+    )
     p.add_argument("--source", default="auto", choices=["auto", "summary", "wandb"], help="load_runs source")
     p.add_argument("--fraction", type=float, default=None, help="table3: fraction of steps to learn p (0.5)")
     p.add_argument(
@@ -611,8 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale, scale_cfg = resolve_scale(args.scale)
     seeds, seeds_m7 = default_seeds(scale_cfg, args.seeds, args.seeds_m7)
     results_dir = Path(args.results_dir).resolve()
+    job_overrides = [o for o in overrides if not _is_hydra_override(o)]
+    if args.launcher == "inprocess" and len(job_overrides) < len(overrides):
+        print("[reproduce] note: hydra.* overrides only apply to a Hydra launcher (--launcher); ignored")
     jobs = plan(
-        table, scale_cfg, results_dir, seeds, seeds_m7, _csv(args.settings), _csv(args.methods), overrides
+        table, scale_cfg, results_dir, seeds, seeds_m7, _csv(args.settings), _csv(args.methods), job_overrides
     )
     pending = [j for j in jobs if not j.done]
     n = len(jobs)
@@ -634,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list = []
     if pending and not args.no_run:
         if args.launcher == "inprocess":
-            failures = run_inprocess(table, jobs, results_dir, args.verbose)
+            n_jobs = args.n_jobs or default_n_jobs(scale_cfg)
+            failures = run_inprocess(table, jobs, results_dir, args.verbose, n_jobs)
         else:
             failures = run_hydra(table, jobs, args.launcher, results_dir, args.n_jobs, overrides)
     run_s = time.time() - t0

@@ -157,6 +157,9 @@ def test_hydra_commands_split_node_types_and_phases(tiny_jobs: list, tmp_path: P
         "hydra/launcher=slurm_a100", "hydra/launcher=slurm_a100",
     ]  # fmt: skip
     assert "method=dml,doremi" in cmds[1] and "method=stratified,grid,skillit,doge,aioli" in cmds[0]
+    # launcher fields given on the driver's command line go to the Hydra command, after the launcher
+    part = reproduce.hydra_commands("table2", jobs, "slurm", tmp_path, None, ["hydra.launcher.partition=gpu"])
+    assert all(c[-1] == "hydra.launcher.partition=gpu" for c, _ in part)
     par = reproduce.hydra_commands("table2", jobs, "local_parallel", tmp_path, 2, [])
     cmd, env = par[0]
     assert "num_threads=1" in cmd and "hydra.launcher.n_jobs=2" in cmd and env["OMP_NUM_THREADS"] == "1"
@@ -278,6 +281,26 @@ def test_driver_table3_end_to_end(micro_runs: Path, capsys: pytest.CaptureFixtur
         and "1 job (a base and a +aioli pipeline each), 1 done, 0 to run" in log2
         and "training in" not in log2
     )
+
+
+def test_parallel_workers_start_a_reusing_method_after_its_prerequisite(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 2 worker processes, DoReMi listed first: it must wait for the stratified run it reuses as its
+    # reference (not train it itself, nor block a worker on the stage lock), while Aioli runs meanwhile.
+    runs = tmp_path / "runs"
+    rc, log = _driver(
+        capsys, "table2", "--scale", "tiny", "--results-dir", str(runs), "--out-dir", str(tmp_path),
+        "--settings", "a_se", "--methods", "doremi,aioli,stratified", "--n-jobs", "2", *MICRO,
+    )  # fmt: skip
+    assert rc == 0, log
+    assert "2 pipelines at a time" in log
+    order = [line.split(": running")[0].split("] ")[1] for line in log.splitlines() if ": running" in line]
+    assert order.index("A/SE doremi seed 0") > order.index("A/SE stratified seed 0")
+    assert order.index("A/SE aioli seed 0") < order.index("A/SE doremi seed 0")
+    doremi = next(line for line in log.splitlines() if "A/SE doremi seed 0: done" in line)
+    assert "(2 stages trained, 1 reused;" in doremi  # proxy + final; the reference is stratified's run
+    assert len(list(runs.glob("stratified-run-*/summary.json"))) == 1
 
 
 # -- notebooks ---------------------------------------------------------------------------------------

@@ -114,6 +114,12 @@ class Pipeline:
         from aioli_repro.laws import fit_log_linear, minimize_on_simplex
 
         points, summaries = self.sweep()
+        m = len(self.cfg.groups.names)
+        if len(points) < m + 1:  # the paper: the law needs at least m + 1 runs
+            self.log(
+                f"[pipeline] dml: warning: {len(points)} sweep runs for {m} groups (< m + 1): the law is "
+                f"under-determined and its optimum may extrapolate badly; raise hp.grid.n_runs"
+            )
         val = _val_matrix(summaries, self.cfg.groups.names)  # fit on validation, never test
         pcfg = self.cfg.method.get("pipeline", {})
         law, info = fit_log_linear(
