@@ -345,6 +345,7 @@ def _done_line(summaries: list[dict], stage_log: list[str], seconds: float) -> s
 
 
 def _worker_init(threads: int) -> None:
+    import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: quiet them after)
     import torch
 
     torch.set_num_threads(threads)
