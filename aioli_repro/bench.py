@@ -7,7 +7,8 @@ appends a row to `docs/benchmarks.md`.
 Reported:
 - tokens_per_s of our Lightning training step, and its split into data / forward / backward /
   optimizer / mixing (an instrumented loop over the same components);
-- lightning_vs_plain: our Lightning step time / a plain PyTorch loop's (framework overhead);
+- lightning_vs_plain: our Lightning step time / a plain PyTorch loop's (framework overhead), the median
+  over `--pairs` alternating runs (each pair's ratio is in lightning_vs_plain_pairs);
 - ours_vs_hf: our decoder's forward+backward time / HF GPTNeoXForCausalLM's on the same config;
 - <method>_vs_stratified: wall-clock of each online method / stratified for the same steps, and
   <method>_eval_share: the part of that method's wall-clock spent in its own validation passes
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model config name (default: the scale's)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--method-steps", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating plain/Lightning runs")
     ap.add_argument("--methods", default="aioli,doge,doremi", help="comma list, or '' to skip")
     ap.add_argument("--data", default=None, help="data config (default: the scale's)")
     ap.add_argument("--compile", action="store_true")
@@ -305,11 +307,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     warm = max(3, args.steps // 10)
-    plain_times, phases = bench_plain(cfg, packed, args.steps, device)
-    light_times = bench_lightning(cfg, packed, args.steps, device)
-    plain_times2, _ = bench_plain(cfg, packed, args.steps, device)  # plain again: brackets drift
-    plain_med = statistics.median(plain_times[warm:] + plain_times2[warm:])
-    light_med = statistics.median(light_times[warm:])
+    # Alternate plain and Lightning runs and take the median of the per-pair ratios: on a shared or
+    # throttling machine a single plain/Lightning/plain bracket swings by +-10% (measured).
+    pairs, light_all, plain_all, phases = [], [], [], None
+    for _ in range(max(1, args.pairs)):
+        plain_times, ph = bench_plain(cfg, packed, args.steps, device)
+        light_times = bench_lightning(cfg, packed, args.steps, device)
+        phases = phases or ph
+        p_med, l_med = statistics.median(plain_times[warm:]), statistics.median(light_times[warm:])
+        pairs.append(l_med / p_med)
+        plain_all += plain_times[warm:]
+        light_all += light_times[warm:]
+    plain_med = statistics.median(plain_all)
+    light_med = statistics.median(light_all)
     tokens_per_step = cfg.train.batch_size * cfg.train.context_length
     result: dict = {
         "device": name,
@@ -320,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": tokens_per_step / light_med,
         "plain_tokens_per_s": tokens_per_step / plain_med,
         "step_ms": light_med * 1e3,
-        "lightning_vs_plain": light_med / plain_med,
+        "lightning_vs_plain": statistics.median(pairs),
+        "lightning_vs_plain_pairs": pairs,
         "phase_ms": {k: 1e3 * statistics.median(v[warm:]) for k, v in phases.items()},
     }
     result["ours_vs_hf"] = bench_hf(cfg, max(6, args.steps // 5), device)

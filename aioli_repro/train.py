@@ -214,6 +214,17 @@ def check_prerequisites(method: MixingMethod) -> None:
             )
 
 
+def check_init_checkpoint(extras: dict | None) -> str | None:
+    """A branch run starts from an earlier stage's weights (extras["init_checkpoint"]), which must exist."""
+    init = (extras or {}).get("init_checkpoint")
+    if init and not Path(init).is_file():
+        raise ConfigError(
+            f"init_checkpoint: missing prerequisite stage: {str(init)!r} does not exist (the parent run has "
+            "not finished, or the path is wrong)"
+        )
+    return init or None
+
+
 def build(node: DictConfig, field: str) -> Any:
     """`instantiate`, with a bad value or target reported as the user error it is (Hydra wraps them).
 
@@ -330,6 +341,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     check_prerequisites(method)
+    init_checkpoint = check_init_checkpoint(extras)
     plugins, requeue_signal = slurm_setup(cfg)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -402,6 +414,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         plugins=[AtomicCheckpointIO(), *plugins],
     )
     resumed_from = str(last) if last.exists() else None
+    if init_checkpoint and resumed_from is None:  # a resumed branch run has its own weights in last.ckpt
+        from aioli_repro.mixing.doremi import load_reference_state
+
+        module.model.load_state_dict(load_reference_state(init_checkpoint))
     _atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     t_fit = time.time()
     try:

@@ -101,3 +101,37 @@ def test_other_pipelines_end_to_end(make_cfg, tmp_path, method):
         assert s["extra_runs"] == 3 and np.asarray(s["skills_graph"]).shape == (3, 3)
     if method == "doge":
         assert s["extra_runs"] == 1 and sum(s["learned_proportions"].values()) == pytest.approx(1.0)
+
+
+def test_dynamic_law_branch_sweep_starts_from_the_stratified_run(make_cfg, tmp_path):
+    strat, _ = _run(make_cfg, tmp_path, "stratified")
+    s, _ = _run(
+        make_cfg,
+        tmp_path,
+        "dynamic_law",
+        "method.pipeline.n_children=4",
+        "method.pipeline.branch_fraction=0.25",
+    )
+    law = s["dynamic_law"]
+    groups = ["arxiv", "stackexchange"]
+    assert s["stages"][0]["reused"] and s["stages"][0]["dir"] == strat["run_dir"]  # the parent is shared
+    assert [st["name"] for st in s["stages"][1:]] == [f"branch{k}" for k in range(4)]
+    assert law["branch_steps"] == 3 and np.asarray(law["P"]).shape == (4, 2)
+    # every child starts from the parent's final weights: its step-0 val loss is the parent's final val
+    np.testing.assert_allclose(law["L_before"], [[strat["val_loss"][g] for g in groups]] * 4, rtol=1e-6)
+    A = np.asarray(law["A"])
+    assert A.shape == (2, 2) and np.all(np.isfinite(A)) and np.isfinite(law["r2"]) and law["mse"] >= 0
+    # the fit reproduces the children's losses as L_after = L_before - P A^T up to its residual
+    pred = np.asarray(law["L_before"]) - np.asarray(law["P"]) @ A.T
+    assert np.mean((np.asarray(law["L_after"]) - pred) ** 2) == pytest.approx(law["mse"])
+    # children moved: a branch run trained on a different mixture reaches different losses
+    assert np.ptp(np.asarray(law["L_after"])[:, 0]) > 0
+
+
+def test_branch_run_without_its_parent_checkpoint_is_a_clear_error(tmp_path):
+    from aioli_repro.config import ConfigError
+    from aioli_repro.train import check_init_checkpoint
+
+    assert check_init_checkpoint({}) is None
+    with pytest.raises(ConfigError, match="init_checkpoint: missing prerequisite stage"):
+        check_init_checkpoint({"init_checkpoint": str(tmp_path / "parent" / "final.ckpt")})

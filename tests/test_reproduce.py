@@ -318,6 +318,14 @@ def test_notebooks_execute(nb: str, micro_runs: Path, tmp_path: Path) -> None:
     if not (micro_runs / "tables" / "table2_runs.json").exists():
         pytest.skip("needs the runs of test_driver_table2_end_to_end_hydra_path_and_resume")
     shutil.copy(micro_runs / "tables" / "table2_runs.json", tmp_path)
+    if nb == "mixing_laws":  # a branch sweep for the dynamic law, from the A/SE stratified run
+        from aioli_repro.pipeline.recipes import run_method
+
+        cfg = reproduce.compose_job(
+            ["experiment=table2", "scale=table_tiny", "groups=a_se", "method=dynamic_law", "seed=0", *MICRO,
+             "method.pipeline.n_children=3", "method.pipeline.branch_fraction=0.1"]
+        )  # fmt: skip
+        run_method(cfg, micro_runs / "runs", log=lambda s: None)
     _papermill(nb, tmp_path, micro_runs / "runs")
     expected = {"table2": "table2.png", "trajectories": "trajectories.png", "mixing_laws": "mixing_laws.png"}[
         nb
@@ -331,6 +339,9 @@ def test_notebooks_execute(nb: str, micro_runs: Path, tmp_path: Path) -> None:
 
         fits = pd.read_csv(tmp_path / "mixing_laws.csv")
         assert set(fits["setting"]) == {"A/SE", "A/B/SE"} and fits["R2"].notna().all()
+        dyn = pd.read_csv(tmp_path / "dynamic_law.csv")
+        assert list(dyn["setting"]) == ["A/SE"] and dyn["R2"].notna().all() and (dyn["MSE"] >= 0).all()
+        assert -1.0 <= float(dyn["sim Aioli"].iloc[0]) <= 1.0  # the micro sweep ran Aioli on A/SE
     if nb == "trajectories":
         assert list(tmp_path.glob("aioli_A_*.png"))
 

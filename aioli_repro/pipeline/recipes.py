@@ -6,6 +6,7 @@
     skillit                        m one-hot graph runs -> skills graph -> online run
     doremi                         reference (= the stratified run) -> proxy -> final run on mean weights
     doge                           proxy -> final run on mean weights
+    dynamic_law                    (analysis) branch sweep from the stratified run -> linear dynamic law fit
 
 Every final summary records the training tokens of all stages that produced it.
 """
@@ -178,6 +179,53 @@ class Pipeline:
         proxy = self.run(Stage("proxy", self._proxy_cfg("doge")))
         return self._final_from_proxy(proxy, "doge")
 
+    def dynamic_law(self) -> dict:
+        """The paper's §4 check of the linear dynamic law L^{t+1} = L^t - A^t p^t: short static children
+        branch from the stratified run's final weights with different mixtures p (a Dirichlet cover, at
+        least m + 1), and A^t is fitted by least squares on their val losses before and after.
+        Children start from the parent's weights with a fresh optimizer, at the parent's final
+        learning rate, for `branch_fraction` of the run's steps (docs/deviations.md)."""
+        from aioli_repro.laws import fit_linear_dynamic, r2_score
+        from aioli_repro.simplex import grid_points
+
+        groups = list(self.cfg.groups.names)
+        m = len(groups)
+        pcfg = self.cfg.method.get("pipeline", {})
+        n = int(pcfg.get("n_children") or m + 1)
+        if n < m + 1:
+            raise ValueError(f"method.pipeline.n_children: needs at least m + 1 = {m + 1} children, got {n}")
+        steps = max(1, round(float(pcfg.get("branch_fraction", 0.1)) * int(self.cfg.train.max_steps)))
+        parent, parent_dir = self.stratified_run()
+        init = {"init_checkpoint": str(parent_dir / "checkpoints" / "final.ckpt")}
+        lr = float(self.cfg.train.min_lr)
+        points = np.asarray(grid_points(m, n_runs=n, seed=int(pcfg.get("cover_seed", self.cfg.seed))))
+        before, after = [], []
+        for k, p in enumerate(points):
+            child_cfg = derive(
+                self.cfg, "branch", static_mixer(p), max_steps=steps, warmup_steps=0, lr=lr, min_lr=lr,
+                val_every=steps, checkpoint_every=0,
+            )  # fmt: skip
+            s = self.run(Stage(f"branch{k}", child_cfg, extras=init, inputs=[str(parent_dir)]))
+            step0 = [v for st, v in s["val_history"] if st == 0]
+            before.append(step0[0] if step0 else [parent["val_loss"][g] for g in groups])
+            after.append([s["val_loss"][g] for g in groups])
+        L0, L1 = np.asarray(before), np.asarray(after)
+        A, _, r2 = fit_linear_dynamic(points, L0, L1)
+        pred = L0 - points @ A.T
+        law = {
+            "A": A.tolist(),
+            "r2": float(r2),
+            "r2_pooled": float(r2_score(L1, pred, multioutput="pooled")),
+            "mse": float(np.mean((L1 - pred) ** 2)),
+            "P": points.tolist(),
+            "L_before": L0.tolist(),
+            "L_after": L1.tolist(),
+            "branch_steps": steps,
+            "branch_from": str(parent_dir),
+        }
+        self.log(f"[pipeline] dynamic_law: R2={r2:.4f}, MSE={law['mse']:.3g}, {n} children x {steps} steps")
+        return {**parent, "dynamic_law": law}
+
     def _proxy_cfg(self, name: str) -> DictConfig:
         """The proxy stage: the method's mixer at the pipeline's proxy budget."""
         pcfg = self.cfg.method.get("pipeline", {})
@@ -223,6 +271,7 @@ RECIPES = {
     "skillit": Pipeline.skillit,
     "doremi": Pipeline.doremi,
     "doge": Pipeline.doge,
+    "dynamic_law": Pipeline.dynamic_law,
 }
 
 
@@ -241,7 +290,7 @@ def run_method(
         "stages": pipe.done,
         "total_tokens": int(sum(s["train_tokens"] for s in _unique(pipe.done))),
         # the paper counts every grid-search sweep run as extra, though the winner doubles as the final run
-        "extra_runs": len(_unique(pipe.done)) - (0 if name == "grid" else 1),
+        "extra_runs": len(_unique(pipe.done)) - (0 if name in ("grid", "dynamic_law") else 1),
         "final_run_dir": final["run_dir"],
     }
     out = Path(results_dir) / f"{name}-pipeline-{stage_hash(cfg)}" / "summary.json"

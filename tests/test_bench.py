@@ -1,0 +1,40 @@
+"""`python -m aioli_repro.bench` end to end on a micro budget: the JSON keys the issue asks for, with
+real (finite, positive) ratios, and the markdown row. No timing thresholds: machines are noisy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from aioli_repro import bench
+
+
+def test_bench_writes_every_key_and_a_markdown_row(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AIOLI_CACHE", str(cache_dir))
+    out, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    r = bench.main(
+        ["--steps", "6", "--pairs", "2", "--methods", "doremi", "--method-steps", "6",
+         "--out", str(out), "--md", str(md)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    for key in ("device", "tokens_per_s", "lightning_vs_plain", "ours_vs_hf", "aioli_vs_stratified",
+                "doge_vs_stratified", "doremi_vs_stratified", "sampler_vs_step", "mfu"):  # fmt: skip
+        assert key in saved, key
+    assert saved["device"].startswith("CPU") and saved["mfu"] is None  # MFU only on GPU
+    for key in ("tokens_per_s", "lightning_vs_plain", "doremi_vs_stratified", "sampler_vs_step"):
+        assert math.isfinite(saved[key]) and saved[key] > 0, key
+    assert len(saved["lightning_vs_plain_pairs"]) == 2
+    assert saved["lightning_vs_plain"] == pytest.approx(
+        sorted(saved["lightning_vs_plain_pairs"])[0] / 2 + sorted(saved["lightning_vs_plain_pairs"])[1] / 2
+    )
+    assert saved["aioli_vs_stratified"] is None and saved["doge_vs_stratified"] is None  # not asked for
+    if saved["ours_vs_hf"] is not None:  # transformers is a dev dependency
+        assert saved["ours_vs_hf"] > 0
+    # tokens/s is the Lightning step's: batch x context / step time
+    assert saved["tokens_per_s"] == pytest.approx(8 * 256 / (saved["step_ms"] / 1e3))
+    assert set(saved["phase_ms"]) == {"data", "forward", "backward", "optimizer", "mixing"}
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and f"{r['tokens_per_s']:,.0f}" in rows[0]
