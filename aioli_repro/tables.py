@@ -121,34 +121,12 @@ def table2_cells(df: pd.DataFrame, scale: str | None = None) -> pd.DataFrame:
             x = _by_seed(d[(d["setting"] == setting) & (d["method"] == method)])
             if x.empty or ref.empty:
                 continue
-            if method == "stratified":
-                mean, std, n = _stats(x)
-                cells.append(
-                    dict(
-                        row=label,
-                        method=method,
-                        setting=setting,
-                        kind="abs",
-                        mean=mean,
-                        std=std,
-                        n=n,
-                        paired=True,
-                    )
-                )
+            if method == "stratified":  # the reference row: absolute values
+                kind, (mean, std, n), paired = "abs", _stats(x), True
             else:
-                mean, std, n, paired = _delta(x, ref)
-                cells.append(
-                    dict(
-                        row=label,
-                        method=method,
-                        setting=setting,
-                        kind="delta",
-                        mean=mean,
-                        std=std,
-                        n=n,
-                        paired=paired,
-                    )
-                )
+                kind, (mean, std, n, paired) = "delta", _delta(x, ref)
+            cells.append(dict(row=label, method=method, setting=setting, kind=kind))
+            cells[-1].update(mean=mean, std=std, n=n, paired=paired)
     return pd.DataFrame(cells, columns=["row", "method", "setting", "kind", "mean", "std", "n", "paired"])
 
 

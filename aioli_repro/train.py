@@ -16,10 +16,10 @@ import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import hydra
 import lightning as L
@@ -81,12 +81,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write then rename (same directory, fsync'd): readers see the old file or the whole new one."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -96,7 +96,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -114,16 +114,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options is not supported")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        _atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def check_checkpoint_readable(path: Path) -> None:
@@ -418,7 +409,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         from aioli_repro.mixing.doremi import load_reference_state
 
         module.model.load_state_dict(load_reference_state(init_checkpoint))
-    _atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
+    _atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     t_fit = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)

@@ -96,6 +96,13 @@ def iter_records(path: str | Path) -> Iterator[Any]:
             block, pos = fh.read(BLOCK), 0
 
 
+def _apply(target: dict, record: Any) -> None:
+    """Apply a config or summary record's `update` and `remove` items to `target`."""
+    target.update({_key(it): json.loads(it.value_json) for it in record.update})
+    for it in record.remove:
+        target.pop(_key(it), None)
+
+
 def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -137,15 +144,11 @@ def read_run_parser(path: str | Path) -> dict:
             )
             config.update({_key(it): json.loads(it.value_json) for it in r.config.update})
         elif kind == "config":
-            config.update({_key(it): json.loads(it.value_json) for it in rec.config.update})
-            for it in rec.config.remove:
-                config.pop(_key(it), None)
+            _apply(config, rec.config)
         elif kind == "history":
             history.append({_key(it): json.loads(it.value_json) for it in rec.history.item})
         elif kind == "summary":
-            summary.update({_key(it): json.loads(it.value_json) for it in rec.summary.update})
-            for it in rec.summary.remove:
-                summary.pop(_key(it), None)
+            _apply(summary, rec.summary)
         elif kind == "exit":
             meta.update(
                 state="finished" if rec.exit.exit_code == 0 else "failed", exit_code=rec.exit.exit_code

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from aioli_repro.mixing.base import Batch, MixingContext, MixingMethod
+from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
+from aioli_repro.mixing.base import Batch, MixingContext
 from aioli_repro.model import lm_token_losses
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +37,7 @@ def _clip_coef(norm: torch.Tensor) -> torch.Tensor:
     return torch.clamp(1.0 / (norm + 1e-6), max=1.0)
 
 
-class DoGE(MixingMethod):
+class DoGE(AveragedWeightsMethod):
     """DoGE proxy (Fan et al. 2024) as in the Aioli code's `DogeTrainer`.
 
     Per optimizer step: draw `val_batch_size` val sequences (own seeded generator), g_val = gradient
@@ -83,15 +84,9 @@ class DoGE(MixingMethod):
 
     def setup(self, ctx: MixingContext) -> None:
         super().setup(ctx)
-        m = ctx.m
-        self.log_alpha = np.full(m, -np.log(m))
-        self.alpha = np.full(m, 1.0 / m)
-        self.avg = np.zeros(m)
-        self.n_updates = 0
-        self.scores = np.zeros(m)
+        self.log_alpha = np.full(ctx.m, -np.log(ctx.m))
         self.rng = np.random.default_rng([int(ctx.seed), _RNG_TAG])
         self._val: list[np.ndarray] | None = None
-        self._last_logged = -1
 
     # -- validation batch -----------------------------------------------------------------------
     def _val_batch(self, module: MixingLM) -> torch.Tensor:
@@ -151,52 +146,18 @@ class DoGE(MixingMethod):
         log_a = self.log_alpha + self.scores / self.mu
         top = log_a.max()
         self.log_alpha = log_a - (top + np.log(np.exp(log_a - top).sum()))
-        self.alpha = np.exp(self.log_alpha)
-        self.avg += self.alpha
-        self.n_updates += 1
+        self._record(np.exp(self.log_alpha))
 
         # (4) a loss whose gradient is sum_i alpha_i clip(g_i): detached clip factors per group.
         weights = torch.as_tensor(self.alpha, dtype=seq_loss.dtype, device=seq_loss.device) * coefs.detach()
         return torch.stack([weights[i] * loss_i for i, loss_i in group_losses.items()]).sum()
 
-    # -- reporting and checkpoints --------------------------------------------------------------
-    def final_proportions(self) -> np.ndarray | None:
-        if self.n_updates == 0:
-            return self.alpha.copy()
-        avg = self.avg / self.n_updates
-        return avg / avg.sum()
-
-    def log_metrics(self) -> dict[str, float]:
-        # nothing before the first update (asked at train start too, where Lightning forbids logging)
-        if self.n_updates in (0, self._last_logged) or self.n_updates % self.log_every != 0:
-            return {}
-        self._last_logged = self.n_updates
-        out: dict[str, float] = {}
-        for g, a, s in zip(self.ctx.groups, self.alpha, self.scores):
-            out[f"doge/alpha/{g}"] = float(a)
-            out[f"doge/score/{g}"] = float(s)
-        for g, v in zip(self.ctx.groups, self.avg / self.n_updates):
-            out[f"doge/alpha_avg/{g}"] = float(v)
-        return out
-
+    # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "alpha": self.alpha.tolist(),
-            "log_alpha": self.log_alpha.tolist(),
-            "avg": self.avg.tolist(),
-            "n_updates": self.n_updates,
-            "scores": self.scores.tolist(),
-            "rng": self.rng.bit_generator.state,
-            "last_logged": self._last_logged,
-        }
+        state = super().state_dict()
+        return {**state, "log_alpha": self.log_alpha.tolist(), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
         self.log_alpha = np.asarray(state["log_alpha"], dtype=np.float64)
-        self.avg = np.asarray(state["avg"], dtype=np.float64)
-        self.n_updates = int(state["n_updates"])
-        self.scores = np.asarray(state["scores"], dtype=np.float64)
         self.rng.bit_generator.state = state["rng"]
-        self._last_logged = int(state.get("last_logged", -1))

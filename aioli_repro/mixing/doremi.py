@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from aioli_repro.mixing.base import Batch, MixingContext, MixingMethod
+from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
+from aioli_repro.mixing.base import Batch, MixingContext
 from aioli_repro.model import build_model, lm_token_losses
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +40,7 @@ def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-class DoReMi(MixingMethod):
+class DoReMi(AveragedWeightsMethod):
     """DoReMi proxy (Xie et al. 2023) as in the Aioli code's `DoremiTrainer`, with its bugs fixed.
 
     Per optimizer step, for every group i present in the batch: L_i = mean per-sequence loss of the
@@ -65,6 +66,7 @@ class DoReMi(MixingMethod):
     """
 
     name = "doremi"
+    score_label = "excess"
 
     def __init__(
         self,
@@ -106,13 +108,8 @@ class DoReMi(MixingMethod):
         super().setup(ctx)
         if self.reference_checkpoint is None:
             self.reference_checkpoint = ctx.extras.get("reference_checkpoint")
-        m = ctx.m
-        self.alpha = np.full(m, 1.0 / m)
-        self.avg = np.zeros(m)
-        self.n_updates = 0
-        self.scores = np.zeros(m)  # last excess per group; absent groups reuse theirs
+        # scores: the last excess per group; groups absent from a step keep theirs
         self._reset_window()
-        self._last_logged = -1
 
     def _reset_window(self) -> None:
         m = self.ctx.m
@@ -196,56 +193,23 @@ class DoReMi(MixingMethod):
         log_a = np.log(self.alpha) + self.mu * self.scores
         a = np.exp(log_a - log_a.max())
         a /= a.sum()
-        self.alpha = (1.0 - self.smoothing) * a + self.smoothing / self.ctx.m
-        self.avg += self.alpha
-        self.n_updates += 1
+        self._record((1.0 - self.smoothing) * a + self.smoothing / self.ctx.m)
         self._reset_window()
 
-    # -- reporting and checkpoints --------------------------------------------------------------
-    def final_proportions(self) -> np.ndarray | None:
-        if self.n_updates == 0:
-            return self.alpha.copy()
-        avg = self.avg / self.n_updates
-        return avg / avg.sum()
-
-    def log_metrics(self) -> dict[str, float]:
-        # nothing before the first update (asked at train start too, where Lightning forbids logging)
-        if self.n_updates in (0, self._last_logged) or self.n_updates % self.log_every != 0:
-            return {}
-        self._last_logged = self.n_updates
-        out: dict[str, float] = {}
-        for g, a, e in zip(self.ctx.groups, self.alpha, self.scores):
-            out[f"doremi/alpha/{g}"] = float(a)
-            out[f"doremi/excess/{g}"] = float(e)
-        for g, v in zip(self.ctx.groups, self.avg / self.n_updates):
-            out[f"doremi/alpha_avg/{g}"] = float(v)
-        return out
-
+    # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "alpha": self.alpha.tolist(),
-            "avg": self.avg.tolist(),
-            "n_updates": self.n_updates,
-            "scores": self.scores.tolist(),
-            "window": {
-                "sum_proxy": self._sum_proxy.tolist(),
-                "sum_excess": self._sum_excess.tolist(),
-                "count": self._count.tolist(),
-                "micro": self._micro,
-            },
-            "last_logged": self._last_logged,
+        window = {
+            "sum_proxy": self._sum_proxy.tolist(),
+            "sum_excess": self._sum_excess.tolist(),
+            "count": self._count.tolist(),
+            "micro": self._micro,
         }
+        return {**super().state_dict(), "window": window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self.avg = np.asarray(state["avg"], dtype=np.float64)
-        self.n_updates = int(state["n_updates"])
-        self.scores = np.asarray(state["scores"], dtype=np.float64)
         w = state["window"]
         self._sum_proxy = np.asarray(w["sum_proxy"], dtype=np.float64)
         self._sum_excess = np.asarray(w["sum_excess"], dtype=np.float64)
         self._count = np.asarray(w["count"], dtype=np.float64)
         self._micro = int(w["micro"])
-        self._last_logged = int(state.get("last_logged", -1))
