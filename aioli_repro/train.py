@@ -320,6 +320,11 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
 def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, extras: dict | None) -> dict:
     t0 = time.time()
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
+    if torch.cuda.is_available() and resolve_precision(str(cfg.trainer.precision)).startswith("bf16"):
+        # Mixed precision already trades exactness for speed: let the fp32 matmuls left outside
+        # autocast use TF32 too (Ampere and later). A run asking for precision=32 keeps full fp32.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     groups = list(cfg.groups.names)
     model_cfg: ModelConfig = build(cfg.model, "model")
