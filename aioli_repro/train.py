@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -57,6 +58,10 @@ class RunDirInUse(RuntimeError):
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per fit: nothing a user can act
 # on, and it repeats for every stage of a sweep.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# ...and advertises a cloud logger at every Trainer construction (once per stage of a sweep).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")
+)
 
 USER_ERRORS = (ConfigError, DataError, ProportionError, NonFiniteLossError, CheckpointError, RunDirInUse)
 
