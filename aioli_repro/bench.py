@@ -283,10 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--md", default="docs/benchmarks.md")
     args = ap.parse_args(argv)
 
+    from aioli_repro.train import allow_tf32, build_data
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     else:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     base = [f"scale={args.scale}", "logger=none", "progress=false"]
@@ -297,8 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         base.append("train.compile=true")
     cfg = _cfg(base)
-    from aioli_repro.train import build_data
-
     _, packed = build_data(cfg)
     name = _device_name(device)
     print(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -332,6 +333,23 @@ def lm_token_losses(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(input_ids.shape)}")
     out = model(input_ids[:, :-1], targets=input_ids[:, 1:], return_logits=False)
     return out.token_loss
+
+
+def load_decoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Decoder weights from a Lightning .ckpt (keys `model.*`) or a plain decoder state_dict."""
+    # Our own checkpoint (it also holds callback/optimizer state), so a full unpickle is acceptable.
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    lightning = isinstance(ckpt, dict) and "state_dict" in ckpt
+    state = ckpt["state_dict"] if lightning else ckpt
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if lightning and not k.startswith("model."):
+            continue  # the module's own buffers, not the decoder's
+        k = k.removeprefix("model.").replace("_orig_mod.", "")  # torch.compile wraps the decoder
+        out[k] = v
+    if not out:
+        raise ValueError(f"checkpoint {path} holds no decoder weights (no `model.*` keys)")
+    return out
 
 
 def build_model(cfg: ModelConfig | Mapping[str, Any]) -> GPTNeoX:

@@ -125,8 +125,8 @@ def table2_cells(df: pd.DataFrame, scale: str | None = None) -> pd.DataFrame:
                 kind, (mean, std, n), paired = "abs", _stats(x), True
             else:
                 kind, (mean, std, n, paired) = "delta", _delta(x, ref)
-            cells.append(dict(row=label, method=method, setting=setting, kind=kind))
-            cells[-1].update(mean=mean, std=std, n=n, paired=paired)
+            cell = dict(row=label, method=method, setting=setting, kind=kind, mean=mean, std=std, n=n)
+            cells.append({**cell, "paired": paired})
     return pd.DataFrame(cells, columns=["row", "method", "setting", "kind", "mean", "std", "n", "paired"])
 
 

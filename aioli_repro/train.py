@@ -42,7 +42,7 @@ from aioli_repro.data.tokenizer import build_tokenizer
 from aioli_repro.evaluation import avg_ppl, group_perplexities, ppl_of_mean_loss
 from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig
 from aioli_repro.mixing.base import MixingContext, MixingMethod
-from aioli_repro.model import ModelConfig
+from aioli_repro.model import ModelConfig, load_decoder_state
 from aioli_repro.pipeline.stage import stage_identity
 from aioli_repro.run_logging import JsonlLogger, make_wandb_logger
 
@@ -278,6 +278,16 @@ def _build_packed(cfg: DictConfig, source: object, tokenizer: object, groups: li
     )
 
 
+def allow_tf32() -> None:
+    """On CUDA, let fp32 matmuls left outside bf16 autocast use TF32 (Ampere and later).
+
+    Called for mixed-precision runs only, which already trade exactness for speed; a run asking for
+    precision=32 keeps full fp32."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def resolve_precision(value: str) -> str:
     if value == "auto":
         return "bf16-mixed" if torch.cuda.is_available() else "32-true"
@@ -325,11 +335,8 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
 def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, extras: dict | None) -> dict:
     t0 = time.time()
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    if torch.cuda.is_available() and resolve_precision(str(cfg.trainer.precision)).startswith("bf16"):
-        # Mixed precision already trades exactness for speed: let the fp32 matmuls left outside
-        # autocast use TF32 too (Ampere and later). A run asking for precision=32 keeps full fp32.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if resolve_precision(str(cfg.trainer.precision)).startswith("bf16"):
+        allow_tf32()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     groups = list(cfg.groups.names)
     model_cfg: ModelConfig = build(cfg.model, "model")
@@ -416,9 +423,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
     )
     resumed_from = str(last) if last.exists() else None
     if init_checkpoint and resumed_from is None:  # a resumed branch run has its own weights in last.ckpt
-        from aioli_repro.mixing.doremi import load_reference_state
-
-        module.model.load_state_dict(load_reference_state(init_checkpoint))
+        module.model.load_state_dict(load_decoder_state(init_checkpoint))
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
     _atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     t_fit = time.time()

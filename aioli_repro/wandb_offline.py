@@ -142,7 +142,7 @@ def read_run_parser(path: str | Path) -> dict:
             meta.update(
                 run_id=r.run_id, name=r.display_name, project=r.project, entity=r.entity, job_type=r.job_type
             )
-            config.update({_key(it): json.loads(it.value_json) for it in r.config.update})
+            _apply(config, r.config)
         elif kind == "config":
             _apply(config, rec.config)
         elif kind == "history":

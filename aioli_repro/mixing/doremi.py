@@ -9,7 +9,6 @@ the time-average of alpha (`final_proportions`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,27 +16,10 @@ import torch
 
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import Batch, MixingContext
-from aioli_repro.model import build_model, lm_token_losses
+from aioli_repro.model import build_model, lm_token_losses, load_decoder_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from aioli_repro.lm_module import MixingLM
-
-
-def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Decoder weights from a Lightning .ckpt (keys `model.*`) or a plain decoder state_dict."""
-    # Our own checkpoint (it also holds callback/optimizer state), so a full unpickle is acceptable.
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    lightning = isinstance(ckpt, dict) and "state_dict" in ckpt
-    state = ckpt["state_dict"] if lightning else ckpt
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if lightning and not k.startswith("model."):
-            continue  # the module's own buffers, not the decoder's
-        k = k.removeprefix("model.").replace("_orig_mod.", "")  # torch.compile wraps the decoder
-        out[k] = v
-    if not out:
-        raise ValueError(f"reference checkpoint {path} holds no decoder weights (no `model.*` keys)")
-    return out
 
 
 class DoReMi(AveragedWeightsMethod):
@@ -129,7 +111,7 @@ class DoReMi(AveragedWeightsMethod):
                 )
             with torch.random.fork_rng(devices=[]):  # the throw-away init must not shift the run's RNG
                 ref = build_model(module.model_config)
-            ref.load_state_dict(load_reference_state(self.reference_checkpoint))
+            ref.load_state_dict(load_decoder_state(self.reference_checkpoint))
             self.reference_model = ref
         ref = self.reference_model
         # Same dtype as the proxy's parameters; mixed precision comes from the surrounding autocast.
