@@ -49,18 +49,30 @@ from omegaconf import DictConfig, OmegaConf
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SCALE_ALIASES = {"tiny": "table_tiny", "paper": "paper"}
+SCALE_ALIASES = {"smoke": "table_smoke", "tiny": "miniature", "paper": "paper"}
 # (experiment, m-class) invocations of each table; m = 7 has its own seeds (and SLURM node type)
-EXPERIMENTS = {"table2": ("table2", "table2_m7"), "table3": ("table3", "table3_m7")}
-ENTRYPOINT = {"table2": "aioli_repro.run", "table3": "aioli_repro.restricted"}
+EXPERIMENTS = {
+    "table2": ("table2", "table2_m7"),
+    "table3": ("table3", "table3_m7"),
+    "headroom": ("headroom", "headroom_m7"),
+}  # fmt: skip
+ENTRYPOINT = {"table2": "aioli_repro.run", "table3": "aioli_repro.restricted", "headroom": "aioli_repro.run"}
 SLURM_BY_EXPERIMENT = {
     "table2": "slurm_rtx6000ada", "table2_m7": "slurm_a100",
     "table3": "slurm_rtx6000ada", "table3_m7": "slurm_a100",
+    "headroom": "slurm_rtx6000ada", "headroom_m7": "slurm_a100",
 }  # fmt: skip
 LAUNCHERS = ("inprocess", "local", "local_parallel", "slurm", "slurm_rtx6000ada", "slurm_a100")
 # methods that only reuse other methods' stages come second on a Hydra launcher
 LATE_METHODS = ("dml", "doremi")
-TINY_SEEDS = 1
+# Rows that get the most seeds: the reference and every Aioli arm (the issue's statistics rule).
+CORE_METHODS = ("stratified", "aioli", "aioli_mult", "aioli_null")
+# Seeds per CPU scale and table: (m = 2, 3; m = 7; at most this many for the other baselines).
+# Scales not listed (paper) take the experiment configs' seeds (5 for m = 2, 3 and 3 for m = 7) for every row.
+DEFAULT_SEEDS = {
+    "table_smoke": {"table2": (1, 1, 1), "table3": (1, 1, 1), "headroom": (1, 1, 1)},
+    "miniature": {"table2": (5, 5, 3), "table3": (3, 3, 3), "headroom": (3, 3, 3)},
+}
 
 
 # -- scale ---------------------------------------------------------------------------------------------
@@ -229,11 +241,13 @@ def plan(
     settings: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     extra: Sequence[str] = (),
+    baseline_seeds: int | None = None,
 ) -> list[Job]:
     """Every job of the table's sweep, in launch order, with its done flag.
 
     seeds / seeds_m7: number of seeds (None: the experiment configs' 5 and 3). settings / methods
     restrict the sweep (None: all); a setting is kept in whichever experiment (m-class) sweeps it.
+    baseline_seeds: methods outside `CORE_METHODS` keep only seeds below it (None: all).
     """
     import hashlib
     import json
@@ -243,7 +257,7 @@ def plan(
     # Composing is slow (0.2-0.8 s a config), so the expanded plan is cached under the results directory,
     # keyed by the arguments and the content of every config file: a re-run composes nothing.
     h = hashlib.sha256(json.dumps([table, scale_cfg, str(results_dir), seeds, seeds_m7, settings, methods,
-                                   list(extra)], default=str).encode())  # fmt: skip
+                                   list(extra), baseline_seeds], default=str).encode())  # fmt: skip
     for f in sorted(CONF.rglob("*.yaml")):
         h.update(str(f.relative_to(CONF)).encode() + f.read_bytes())
     cache = results_dir / ".plans" / f"{table}-{h.hexdigest()[:16]}.json"
@@ -283,6 +297,9 @@ def plan(
                 cfg = copy.deepcopy(composed[rest])
                 if seed:
                     cfg.seed = int(seed[-1])
+                few = baseline_seeds is not None and str(cfg.method.name) not in CORE_METHODS
+                if few and int(cfg.seed) >= baseline_seeds:
+                    continue
                 job = Job(experiment, ov, pipeline_dirs(table, cfg, results_dir), job_meta(cfg), _cfg=cfg)
                 job.refresh()
                 jobs.append(job)
@@ -306,14 +323,21 @@ def plan(
     return jobs
 
 
-def default_seeds(scale_cfg: str, seeds: int | None, seeds_m7: int | None) -> tuple[int | None, int | None]:
-    """table_tiny: 1 seed everywhere; otherwise the experiment configs' (5, 3); --seeds N gives m = 7
-    min(N, 3) seeds unless --seeds-m7 says otherwise."""
-    if seeds is None and scale_cfg == "table_tiny":
-        seeds = TINY_SEEDS
-    if seeds_m7 is None and seeds is not None:
+def default_seeds(
+    scale_cfg: str, table: str, seeds: int | None, seeds_m7: int | None, baseline_seeds: int | None = None
+) -> tuple[int | None, int | None, int | None]:
+    """(seeds for m = 2, 3; for m = 7; at most for the non-core baselines), None = the experiment configs'.
+
+    CPU scales take `DEFAULT_SEEDS`; --seeds N alone gives m = 7 min(N, 3) seeds at the paper scale (as
+    released) and N at a CPU scale; --baseline-seeds caps the rows outside `CORE_METHODS`."""
+    preset = DEFAULT_SEEDS.get(scale_cfg, {}).get(table)
+    if preset is not None:
+        seeds_m7 = seeds_m7 if seeds_m7 is not None else (seeds if seeds is not None else preset[1])
+        seeds = seeds if seeds is not None else preset[0]
+        baseline_seeds = baseline_seeds if baseline_seeds is not None else preset[2]
+    elif seeds_m7 is None and seeds is not None:
         seeds_m7 = min(seeds, 3)
-    return seeds, seeds_m7
+    return seeds, seeds_m7, baseline_seeds
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -369,7 +393,7 @@ def _worker(table: str, overrides: list[str], results_dir: Path, verbose: bool) 
 def default_n_jobs(scale_cfg: str) -> int:
     """Pipelines at a time for the in-process launcher: one per CPU core for the CPU miniature (each run
     uses one torch thread; a 1M-parameter model gains little from a second), one on a GPU."""
-    if scale_cfg != "table_tiny":
+    if scale_cfg not in DEFAULT_SEEDS:  # a GPU scale: one pipeline at a time
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
@@ -651,9 +675,12 @@ def build(
         raise SystemExit(f"error: no finished pipelines of this sweep under {results_dir} (source {source})")
     scale_name = str(jobs[0].meta["scale_name"])
     label = data_label(df)
+    if table == "headroom":
+        return build_headroom(df, scale_name, label, out_dir, footer)
     paths: dict[str, Path] = {}
     if table == "table2":
-        tab, md = build_table2(df, scale=scale_name, data_label=label)
+        best = headroom_runs(results_dir, scale_name)
+        tab, md = build_table2(df, scale_name, label, best, smoke=scale_name == "table_smoke")
     else:
         tab, md = build_table3(df, scale=scale_name, data_label=label)
     md = md + ("\n" + footer + "\n" if footer else "")
@@ -672,6 +699,45 @@ def build(
     return tab, md, paths
 
 
+def headroom_runs(results_dir: Path, scale_name: str):
+    """The best static mixture's per-seed rows (`headroom.best_static`) of the headroom pipelines at this
+    scale under results_dir, or None when `make headroom` has not run there."""
+    from aioli_repro.headroom import best_static, load_grid
+    from aioli_repro.results import load_runs
+
+    if not any(results_dir.glob("headroom-pipeline-*/summary.json")):
+        return None
+    runs = load_runs(results_dir, source="summary")
+    best = best_static(load_grid(runs[(runs["method"] == "headroom") & (runs["scale"] == scale_name)]))
+    return best if len(best) else None
+
+
+def build_headroom(
+    df, scale_name: str, label: str, out_dir: Path, footer: str
+) -> tuple[object, str, dict[str, Path]]:
+    """headroom.{csv,md} (one row per setting) and headroom_points.csv (every grid point)."""
+    from aioli_repro.headroom import headroom_table, load_grid, point_table
+    from aioli_repro.tables import SETTINGS, to_markdown
+
+    grid, strat = load_grid(df), df[df["method"] == "stratified"]
+    tab = headroom_table(grid, strat, list(SETTINGS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "headroom.csv", "md": out_dir / "headroom.md"}
+    tab.to_csv(paths["csv"], index=False)
+    paths["points_csv"] = out_dir / "headroom_points.csv"
+    point_table(grid, strat).to_csv(paths["points_csv"], index=False)
+    shown = tab.drop(columns=["delta", "lo", "hi"]).set_index("setting")
+    md = (
+        f"**Headroom: the best static mixture vs stratified (scale: {scale_name}, data: {label})**\n\n"
+        f"{to_markdown(shown, 'Setting')}\n\nBest static p: the grid point with the lowest mean val avg ppl "
+        "over seeds. Δ: its test avg ppl − stratified's, paired by seed, with the 95% t-interval; "
+        "`better` = headroom beyond the noise, otherwise none measurable (a negative control).\n"
+        + ("\n" + footer + "\n" if footer else "")
+    )
+    paths["md"].write_text(md)
+    return tab, md, paths
+
+
 # -- CLI -------------------------------------------------------------------------------------------------
 def _csv(s: str | None) -> list[str] | None:
     return [x for x in s.split(",") if x] if s else None
@@ -682,11 +748,17 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m aioli_repro.reproduce",
         description="Reproduce the paper's Table 2 / 3: run the sweep (resuming), then build the table.",
     )
-    p.add_argument("table", choices=["table2", "table3", "detect-scale"])
+    p.add_argument("table", choices=["table2", "table3", "headroom", "detect-scale"])
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. train.max_steps=20")
     p.add_argument("--scale", default="auto", help="tiny | paper | auto (paper if a CUDA GPU is present)")
     p.add_argument("--seeds", type=int, default=None, help="seeds for m = 2, 3 (default: paper 5, tiny 1)")
-    p.add_argument("--seeds-m7", type=int, default=None, help="seeds for m = 7 (default: min(--seeds, 3))")
+    p.add_argument(
+        "--seeds-m7", type=int, default=None, help="seeds for m = 7 (paper default: min(--seeds, 3))"
+    )
+    p.add_argument(
+        "--baseline-seeds", type=int, default=None, help="at most this many seeds for rows other than "
+        "stratified and the Aioli arms (tiny default: 3)",
+    )  # fmt: skip
     p.add_argument("--settings", default=None, help="comma list, e.g. a_se,gh_c4 (default: all six)")
     p.add_argument("--methods", default=None, help="comma list of methods (table3: baselines)")
     p.add_argument("--results-dir", default="results/runs", help="stage and pipeline outputs")
@@ -731,19 +803,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.time()
     scale, scale_cfg = resolve_scale(args.scale)
-    seeds, seeds_m7 = default_seeds(scale_cfg, args.seeds, args.seeds_m7)
+    seeds, seeds_m7, baseline_seeds = default_seeds(
+        scale_cfg, table, args.seeds, args.seeds_m7, args.baseline_seeds
+    )
     results_dir = Path(args.results_dir).resolve()
     job_overrides = [o for o in overrides if not _is_hydra_override(o)]
     if args.launcher == "inprocess" and len(job_overrides) < len(overrides):
         print("[reproduce] note: hydra.* overrides only apply to a Hydra launcher (--launcher); ignored")
     jobs = plan(
-        table, scale_cfg, results_dir, seeds, seeds_m7, _csv(args.settings), _csv(args.methods), job_overrides
-    )
+        table, scale_cfg, results_dir, seeds, seeds_m7, _csv(args.settings), _csv(args.methods),
+        job_overrides, baseline_seeds,
+    )  # fmt: skip
     pending = [j for j in jobs if not j.done]
     n = len(jobs)
     unit = (
         f"pipeline{'s' * (n != 1)}"
-        if table == "table2"
+        if table != "table3"
         else f"job{'s' * (n != 1)} (a base and a +aioli pipeline each)"
     )
     print(

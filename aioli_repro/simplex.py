@@ -72,6 +72,32 @@ def grid_points(m: int, n_runs: int = 10, seed: int = 0, alpha: float = 1.0) -> 
     return dirichlet_cover(m, n_runs, alpha=alpha, seed=seed)
 
 
+def lattice_interior(m: int, n: int) -> np.ndarray:
+    """Every mixture (a_1, ..., a_m) / n with positive integers a_i summing to n (C(n-1, m-1) points)."""
+    if m < 1 or n < m:
+        raise ValueError(f"lattice_interior: need 1 <= m <= n, got m={m}, n={n}")
+    if m == 1:
+        return np.ones((1, 1))
+    rows = [[a, *rest] for a in range(1, n - m + 2) for rest in lattice_interior(m - 1, n - a) * (n - a)]
+    return np.asarray(rows, dtype=np.float64) / n
+
+
+def headroom_points(m: int) -> np.ndarray:
+    """The static mixtures of the headroom grid (the same for every seed).
+
+    m = 2: the released grid p_1 = 0.1..0.9 (so grid search reuses these runs); m = 3: the 15 interior
+    points of the 1/7 lattice; m >= 4: a 20-point Dirichlet(1) cover (cover seed 0) plus the m "tilted"
+    mixtures that put 1/2 on one group and share the rest, so every group's up-weighting is tried.
+    """
+    if m == 2:
+        return grid_m2(9)
+    if m == 3:
+        return lattice_interior(3, 7)
+    tilted = np.full((m, m), 0.5 / (m - 1))
+    np.fill_diagonal(tilted, 0.5)
+    return np.vstack([dirichlet_cover(m, 20, seed=0), tilted])
+
+
 def average_perplexity(val_losses: np.ndarray) -> np.ndarray:
     """Mean over groups of exp(per-group loss): the paper's "average (test) perplexity" metric."""
     return np.exp(np.asarray(val_losses, dtype=np.float64)).mean(axis=-1)

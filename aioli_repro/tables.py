@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aioli_repro.stats import LEVEL, Paired, fmt_paired, paired, tally
+
 SETTINGS = ("A/SE", "GH/C4", "B/SE", "A/B/SE", "CC/GH/W", "SlimPajama")
 # pipeline method name -> row label, in the paper's row order
 METHOD_LABELS = {
@@ -24,10 +26,14 @@ METHOD_LABELS = {
     "doremi": "DoReMi",
     "doge": "DoGE",
     "aioli": "Aioli",
+    "aioli_mult": "Aioli (Alg. 1)",
+    "aioli_null": "Aioli null (η = 0)",
 }
+HEADROOM = "Best static (headroom)"
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")  # Table 3 rows
 MISSING = "—"
-BEATING = "# settings beating stratified"
+BEATING = "# settings beating stratified (W/T/L)"
+SEEDS = "seeds"
 EXTRA = "# extra runs"
 TOKENS = "tokens"
 
@@ -68,16 +74,6 @@ def _by_seed(d: pd.DataFrame) -> pd.Series:
     return d.set_index("seed")["test_avg_ppl"].astype(float).sort_index()
 
 
-def _delta(x: pd.Series, ref: pd.Series) -> tuple[float, float, int, bool]:
-    """(mean, std, n, paired): paired over seeds when every seed of x has a reference run, else a
-    difference of means (no std)."""
-    if set(x.index) <= set(ref.index):
-        diff = x - ref.loc[x.index]
-        std = float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
-        return float(diff.mean()), std, len(diff), True
-    return float(x.mean() - ref.mean()), float("nan"), len(x), False
-
-
 def _stats(x: pd.Series) -> tuple[float, float, int]:
     return float(x.mean()), (float(x.std(ddof=1)) if len(x) > 1 else float("nan")), len(x)
 
@@ -107,8 +103,27 @@ def _scale_rows(df: pd.DataFrame, scale: str | None) -> pd.DataFrame:
     return d
 
 
-def table2_cells(df: pd.DataFrame, scale: str | None = None) -> pd.DataFrame:
-    """Long numeric form of Table 2: row, method, setting, kind (abs | delta), mean, std, n, paired."""
+def _cell(
+    row: str, method: str, setting: str, kind: str, mean: float, sd: float, n: int, pd_: Paired | None = None
+) -> dict:
+    lo, hi, verdict = (pd_.lo, pd_.hi, pd_.verdict) if pd_ is not None else (float("nan"),) * 2 + ("",)
+    return dict(row=row, method=method, setting=setting, kind=kind, mean=mean, std=sd, n=n, lo=lo, hi=hi,
+                verdict=verdict)  # fmt: skip
+
+
+CELL_COLUMNS = ["row", "method", "setting", "kind", "mean", "std", "n", "lo", "hi", "verdict"]
+
+
+def table2_cells(
+    df: pd.DataFrame, scale: str | None = None, headroom: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Long numeric form of Table 2: row, method, setting, kind (abs | delta), mean, std, n, lo, hi, verdict.
+
+    Stratified is absolute (mean, sd over seeds); every other row is paired with stratified over the seeds
+    both have (`stats.paired`: mean difference, sd of the differences, 95% interval, verdict). `headroom`
+    (from `headroom.best_static`) adds the best static mixture's row: per-seed test avg ppl of the point
+    chosen by mean val avg ppl.
+    """
     d = _scale_rows(df, scale)
     if "variant" in d:
         d = d[d["variant"].isna()]  # restricted-setting runs belong to Table 3
@@ -117,25 +132,27 @@ def table2_cells(df: pd.DataFrame, scale: str | None = None) -> pd.DataFrame:
     cells = []
     for setting in SETTINGS:
         ref = _by_seed(d[(d["setting"] == setting) & (d["method"] == "stratified")])
-        for method, label in METHOD_LABELS.items():
-            x = _by_seed(d[(d["setting"] == setting) & (d["method"] == method)])
-            if x.empty or ref.empty:
-                continue
-            if method == "stratified":  # the reference row: absolute values
-                kind, (mean, std, n), paired = "abs", _stats(x), True
-            else:
-                kind, (mean, std, n, paired) = "delta", _delta(x, ref)
-            cell = dict(row=label, method=method, setting=setting, kind=kind, mean=mean, std=std, n=n)
-            cells.append({**cell, "paired": paired})
-    return pd.DataFrame(cells, columns=["row", "method", "setting", "kind", "mean", "std", "n", "paired"])
+        if ref.empty:
+            continue
+        cells.append(_cell("Stratified", "stratified", setting, "abs", *_stats(ref)))
+        others = [(m, label, _by_seed(d[(d["setting"] == setting) & (d["method"] == m)]))
+                  for m, label in METHOD_LABELS.items() if m != "stratified"]  # fmt: skip
+        if headroom is not None and len(headroom):
+            h = headroom[headroom["setting"] == setting]
+            others.insert(0, ("headroom", HEADROOM, h.set_index("seed")["test_avg_ppl"].sort_index()))
+        for method, label, x in others:
+            pd_ = paired(x, ref) if len(x) else None
+            if pd_ is not None:
+                cells.append(_cell(label, method, setting, "delta", pd_.mean, pd_.sd, pd_.n, pd_))
+    return pd.DataFrame(cells, columns=CELL_COLUMNS)
 
 
 # -- formatting --------------------------------------------------------------------------------------
-def _fmt(mean: float, std: float, signed: bool, paired: bool = True) -> str:
-    s = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    if not math.isnan(std):
-        s += f" ± {std:.3f}"
-    return s if paired else s + "†"
+def _fmt_cell(c: dict) -> str:
+    """A table cell: absolute 'mean ± sd' (stratified) or the paired difference with its interval."""
+    if c["kind"] == "abs":
+        return f"{c['mean']:.3f}" + ("" if math.isnan(c["std"]) else f" ± {c['std']:.3f}")
+    return fmt_paired(Paired(c["mean"], c["std"], c["lo"], c["hi"], int(c["n"])))
 
 
 def _human(n: float) -> str:
@@ -161,49 +178,86 @@ def to_markdown(table: pd.DataFrame, index_label: str = "Method") -> str:
     return "\n".join(lines)
 
 
-def build_table2(df: pd.DataFrame, scale: str, data_label: str) -> tuple[pd.DataFrame, str]:
-    """Table 2 for the runs at `scale`: rows = methods, columns = the six settings + three summaries.
+def build_table2(
+    df: pd.DataFrame, scale: str, data_label: str, headroom: pd.DataFrame | None = None, smoke: bool = False
+) -> tuple[pd.DataFrame, str]:
+    """Table 2 for the runs at `scale`: rows = methods (+ the headroom row when `headroom` is given),
+    columns = the six settings + seeds, W/T/L against stratified, extra runs, tokens.
 
-    data_label describes the data source for the header (e.g. "synthetic groups — not SlimPajama").
-    Cells: Stratified = mean ± std (over seeds) of test avg ppl; others = delta vs stratified, paired
-    over seeds (std of the per-seed differences) or, marked †, a difference of means. Std is omitted
-    for a single seed; missing cells are "—".
+    data_label describes the data source for the header. `smoke` labels the table as a smoke test.
     """
-    cells = table2_cells(df, scale)
+    cells = table2_cells(df, scale, headroom)
     d = _scale_rows(df, scale)
     if "variant" in d:
         d = d[d["variant"].isna()]
-    cols = [*SETTINGS, BEATING, EXTRA, TOKENS]
-    table = pd.DataFrame(MISSING, index=list(METHOD_LABELS.values()), columns=cols, dtype=object)
+    labels = list(METHOD_LABELS.values())
+    if (cells["method"] == "headroom").any():
+        labels.insert(1, HEADROOM)
+    cols = [*SETTINGS, SEEDS, BEATING, EXTRA, TOKENS]
+    table = pd.DataFrame(MISSING, index=labels, columns=cols, dtype=object)
     table.index.name = "Method"
-    for c in cells.itertuples(index=False):
-        table.loc[c.row, c.setting] = _fmt(c.mean, c.std, c.kind == "delta", c.paired)
+    for c in cells.to_dict("records"):
+        table.loc[c["row"], c["setting"]] = _fmt_cell(c)
+    for label in labels:
+        mine = cells[cells["row"] == label]
+        if len(mine):
+            ns = sorted(set(mine["n"].astype(int)))
+            table.loc[label, SEEDS] = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        if label != "Stratified" and len(mine):
+            verdicts = mine["verdict"].tolist()
+            table.loc[label, BEATING] = f"{sum(v == 'better' for v in verdicts)} ({tally(verdicts)})"
     for method, label in METHOD_LABELS.items():
-        mine = cells[cells["method"] == method]
-        if method != "stratified" and len(mine):
-            table.loc[label, BEATING] = str(int((mine["mean"] < 0).sum()))
         runs = d[d["method"] == method]
         if len(runs):
             table.loc[label, EXTRA] = f"{round(float(runs['extra_runs'].mean()), 2):g}"
             table.loc[label, TOKENS] = _human(float(runs["total_tokens"].mean()))
     table.attrs.update(cells=cells.to_dict("records"), scale=scale, data_label=data_label)
-    header = f"**Table 2 (scale: {scale}, data: {data_label}; {_seeds_text(cells['n'].tolist())})**"
+    kind = "SMOKE TEST, not a result: one seed, 128-step runs; " if smoke else ""
+    header = f"**Table 2 ({kind}scale: {scale}, data: {data_label}; {_seeds_text(cells['n'].tolist())})**"
+    pct = int(round(LEVEL * 100))
     notes = (
-        "Stratified: absolute average test perplexity (mean ± std over seeds). Other rows: difference "
-        "from stratified, paired over seeds (negative is better). "
-        f"{BEATING}: settings with a negative mean difference. {EXTRA}: mean number of runs besides the "
-        f"final one. {TOKENS}: mean training tokens over all stages."
+        "Stratified: absolute average test perplexity (mean ± sd over seeds). Other rows: difference from "
+        f"stratified, paired over the seeds both have (same initialisation and data order), with its {pct}% "
+        "t-interval; `better` / `worse` only where the interval excludes 0, otherwise a tie. "
+        f"{BEATING}: settings where the interval lies below 0 (better / tie / worse). "
+        f"{EXTRA}: mean number of runs besides the final one. {TOKENS}: mean training tokens over all stages."
     )
-    if any(not c["paired"] for c in table.attrs["cells"]):
-        notes += " †: seeds differ from stratified's, difference of means."
-    return table, f"{header}\n\n{to_markdown(table)}\n\n{notes}\n"
+    if (cells["method"] == "headroom").any():
+        notes += (
+            f" {HEADROOM}: the static mixture of the headroom grid with the lowest mean val avg ppl over "
+            "seeds, its test difference paired like the others (`make headroom`)."
+        )
+    md = f"{header}\n\n{to_markdown(table)}\n\n{notes}\n"
+    share = headroom_share(cells)
+    if share is not None:
+        title = "**Share of the headroom captured** (method Δ / headroom Δ, mean differences)"
+        md += f"\n{title}\n\n{to_markdown(share)}\n"
+        md += (
+            "\nOnly settings whose headroom interval lies below 0; elsewhere there is no headroom to capture "
+            "(a negative control: the right answer is a tie with stratified).\n"
+        )
+    return table, md
+
+
+def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
+    """Per method and setting with significant headroom: the method's mean Δ over the headroom's mean Δ."""
+    h = cells[(cells["method"] == "headroom") & (cells["verdict"] == "better")].set_index("setting")
+    if h.empty:
+        return None
+    rows = [label for m, label in METHOD_LABELS.items() if m != "stratified"]
+    out = pd.DataFrame(MISSING, index=rows, columns=list(h.index), dtype=object)
+    out.index.name = "Method"
+    for c in cells[cells["kind"] == "delta"].to_dict("records"):
+        if c["row"] in rows and c["setting"] in h.index:
+            out.loc[c["row"], c["setting"]] = f"{c['mean'] / h.loc[c['setting'], 'mean']:.2f}"
+    return out
 
 
 def paper_side_by_side(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Our Table 2 numbers next to the paper's, per setting (meaningful at the paper's scale)."""
     ours = {(c["row"], c["setting"]): c for c in table.attrs.get("cells", [])}
     cols = [f"{s} {who}" for s in SETTINGS for who in ("ours", "paper")]
-    out = pd.DataFrame(MISSING, index=list(METHOD_LABELS.values()), columns=cols, dtype=object)
+    out = pd.DataFrame(MISSING, index=list(PAPER_TABLE2), columns=cols, dtype=object)
     out.index.name = "Method"
     for label in out.index:
         signed = label != "Stratified"
@@ -212,7 +266,7 @@ def paper_side_by_side(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             out.loc[label, f"{s} paper"] = f"{paper:+.3f}" if signed else f"{paper:.3f}"
             if (label, s) in ours:
                 c = ours[(label, s)]
-                out.loc[label, f"{s} ours"] = _fmt(c["mean"], c["std"], signed, c["paired"])
+                out.loc[label, f"{s} ours"] = _fmt_cell(c)
     scale = table.attrs.get("scale", "?")
     header = f"**Table 2, ours vs paper (scale: {scale}, data: {table.attrs.get('data_label', '?')})**"
     note = "Stratified row: absolute average test perplexity; other rows: difference from stratified."
@@ -234,44 +288,48 @@ def build_table3(
         raise ValueError("build_table3: the frame needs `variant` and `base_method` columns")
     d = d[d["variant"].isin(["base", "+aioli"]) & d["base_method"].notna()]
     _check_unique(d, ["setting", "base_method", "variant", "seed"])
-    cols = [f"{s} {part}" for s in SETTINGS for part in ("base", "+Aioli", "Δ")] + ["# settings improved"]
+    cols = [f"{s} {part}" for s in SETTINGS for part in ("base", "+Aioli", "Δ")] + [
+        "# settings improved (W/T/L)"
+    ]
     rows = [METHOD_LABELS[m] for m in BASELINES]
     table = pd.DataFrame(MISSING, index=rows, columns=cols, dtype=object)
     table.index.name = "Method"
     cells, ns = [], []
     for m in BASELINES:
-        label, improved, have = METHOD_LABELS[m], 0, False
+        label, verdicts = METHOD_LABELS[m], []
         for s in SETTINGS:
             sub = d[(d["setting"] == s) & (d["base_method"] == m)]
             base, plus = _by_seed(sub[sub["variant"] == "base"]), _by_seed(sub[sub["variant"] == "+aioli"])
             for part, x in (("base", base), ("+Aioli", plus)):
                 if len(x):
-                    mean, std, n = _stats(x)
-                    table.loc[label, f"{s} {part}"] = _fmt(mean, std, signed=False)
-                    ns.append(n)
-            if len(base) and len(plus):
-                mean, std, n, paired = _delta(plus, base)
-                table.loc[label, f"{s} Δ"] = _fmt(mean, std, True, paired)
-                cells.append(
-                    dict(row=label, method=m, setting=s, kind="delta", mean=mean, std=std, n=n, paired=paired)
-                )
-                improved += int(mean < 0)
-                have = True
-        if have:
-            table.loc[label, "# settings improved"] = str(improved)
+                    c = _cell(label, m, s, "abs", *_stats(x))
+                    table.loc[label, f"{s} {part}"] = _fmt_cell(c)
+                    ns.append(c["n"])
+            pd_ = paired(plus, base) if len(base) and len(plus) else None
+            if pd_ is not None:
+                c = _cell(label, m, s, "delta", pd_.mean, pd_.sd, pd_.n, pd_)
+                table.loc[label, f"{s} Δ"] = _fmt_cell(c)
+                cells.append(c)
+                verdicts.append(pd_.verdict)
+        if verdicts:
+            w = sum(v == "better" for v in verdicts)
+            table.loc[label, "# settings improved (W/T/L)"] = f"{w} ({tally(verdicts)})"
     table.attrs.update(cells=cells, scale=scale, data_label=data_label)
     deltas = np.array([c["mean"] for c in cells])
+    wins = sum(c["verdict"] == "better" for c in cells)
     header = (
         f"**Table 3 (restricted setting; scale: {scale or 'all'}, data: {data_label or 'as loaded'}; "
         f"{_seeds_text(ns)})**"
     )
     p = PAPER_TABLE3_SUMMARY
     summary = (
-        f"+Aioli improves {int((deltas < 0).sum())} of {len(deltas)} comparisons"
+        f"+Aioli improves {wins} of {len(deltas)} comparisons with a 95% interval below 0 "
+        f"({int((deltas < 0).sum())} by the sign of the mean)"
         + (f", by {-deltas.mean():.3f} on average (max {-deltas.min():.3f})" if len(deltas) else "")
         + f". Paper: {p['improved']} of {p['comparisons']}, average {p['mean_gain']}, max {p['max_gain']}."
     )
-    return table, f"{header}\n\n{to_markdown(table)}\n\nΔ = (+Aioli) − base, test avg ppl. {summary}\n"
+    note = "Δ = (+Aioli) − base, test avg ppl, paired over seeds with its 95% t-interval; ties are ties."
+    return table, f"{header}\n\n{to_markdown(table)}\n\n{note} {summary}\n"
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -286,7 +344,7 @@ def write_table(table_df: pd.DataFrame, markdown: str, out_dir: str | Path, name
 
 
 def plot_table(table: pd.DataFrame, out_path: str | Path, title: str | None = None) -> Path:
-    """A PNG bar chart of the delta cells (per method, per setting) of a built table, with ±std bars."""
+    """A PNG bar chart of a built table's delta cells (per method, per setting), with 95% interval bars."""
     # Figure + Agg canvas, not pyplot: no global backend switch (safe inside notebooks and headless)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -310,7 +368,7 @@ def plot_table(table: pd.DataFrame, out_path: str | Path, title: str | None = No
             x + (i - (len(rows) - 1) / 2) * width,
             c["mean"],
             width,
-            yerr=c["std"].fillna(0.0),
+            yerr=np.vstack([(c["mean"] - c["lo"]).fillna(0.0), (c["hi"] - c["mean"]).fillna(0.0)]),
             label=row,
             capsize=2,
         )

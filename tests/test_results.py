@@ -248,6 +248,13 @@ def test_parser_rejects_corrupt_files(long_run: tuple[dict, Path], tmp_path: Pat
 
 
 # -- tables --------------------------------------------------------------------------------------------
+def _ci(diff: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+    return diff.mean() - half, diff.mean() + half
+
+
 def test_build_table2_numbers(logged: dict) -> None:
     df = results.load_runs(logged["root"], source="summary")
     table, md = tables.build_table2(df, "tiny", "synthetic groups — not SlimPajama")
@@ -263,14 +270,23 @@ def test_build_table2_numbers(logged: dict) -> None:
         for method, label in (("grid", "GS"), ("aioli", "Aioli")):
             diff = np.array([ppl[(setting, method, k)] for k in SEEDS]) - strat
             c = cells[(label, setting)]
-            assert c["paired"] and c["mean"] == pytest.approx(diff.mean(), abs=1e-12)
+            lo, hi = _ci(diff)
+            assert c["mean"] == pytest.approx(diff.mean(), abs=1e-12)
+            assert (c["lo"], c["hi"]) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
             assert c["mean"] == pytest.approx(np.mean(OFFSET[(method, setting)]), abs=1e-9)
-            assert table.loc[label, setting] == f"{diff.mean():+.3f} ± {diff.std(ddof=1):.3f}"
-    assert table.loc["GS", tables.BEATING] == "1" and table.loc["Aioli", tables.BEATING] == "2"
-    assert table.loc["GS", tables.EXTRA] == "10" and table.loc["Aioli", tables.EXTRA] == "0"
+            # two seeds: t(1) = 12.7, so every interval here contains 0 and every cell is a tie
+            assert c["verdict"] == "tie" and lo < 0 < hi
+            assert table.loc[label, setting] == f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    # by the sign of the mean GS would "beat" stratified once and Aioli twice: ties are ties
+    assert (
+        table.loc["GS", tables.BEATING] == "0 (0/2/0)" and table.loc["Aioli", tables.BEATING] == "0 (0/2/0)"
+    )
+    assert table.loc["GS", tables.SEEDS] == "2" and table.loc["GS", tables.EXTRA] == "10"
+    assert table.loc["Aioli", tables.EXTRA] == "0"
     assert table.loc["GS", tables.TOKENS] == "13.5M" and table.loc["Aioli", tables.TOKENS] == "1.2M"
     assert (table.loc["DML"] == tables.MISSING).all() and table.loc["Aioli", "SlimPajama"] == tables.MISSING
-    assert list(table.index) == ["Stratified", "GS", "DML", "Skill-It", "DoReMi", "DoGE", "Aioli"]
+    assert list(table.index) == ["Stratified", "GS", "DML", "Skill-It", "DoReMi", "DoGE", "Aioli",
+                                 "Aioli (Alg. 1)", "Aioli null (η = 0)"]  # fmt: skip
     assert md.startswith("**Table 2 (scale: tiny, data: synthetic groups — not SlimPajama; 2 seeds)**")
     for label in tables.SETTINGS:
         assert f"| {label} |" in md.splitlines()[2]
@@ -278,13 +294,14 @@ def test_build_table2_numbers(logged: dict) -> None:
         tables.build_table2(df, "paper", "x")
 
 
-def test_table2_unpaired_single_seed_and_side_by_side(logged: dict, tmp_path: Path) -> None:
+def test_table2_single_seed_has_no_interval_and_side_by_side(logged: dict, tmp_path: Path) -> None:
     df = results.load_runs(logged["root"], source="summary")
     one = df[(df["seed"] == 0) | (df["method"] != "stratified")]  # stratified has seed 0 only
-    one = one[~((one["method"] == "grid") & (one["seed"] == 1))]  # grid: seed 0, paired, no std
-    table, md = tables.build_table2(one, "tiny", "synthetic")
-    assert "±" not in table.loc["GS", "A/SE"] and table.loc["Aioli", "A/SE"].endswith("†")
-    assert "1–2 seeds per cell" in md.splitlines()[0] and "†" in md
+    table, md = tables.build_table2(one, "tiny", "synthetic", smoke=True)
+    # Aioli has seeds 0 and 1 but only seed 0 is shared with stratified: paired on it, no interval
+    assert table.loc["Aioli", "A/SE"] == "-0.250" and table.loc["Aioli", tables.SEEDS] == "1"
+    assert table.loc["Aioli", tables.BEATING] == "0 (0/2/0)"
+    assert md.startswith("**Table 2 (SMOKE TEST, not a result") and "1 seed" in md.splitlines()[0]
     side, side_md = tables.paper_side_by_side(table)
     assert side.loc["Aioli", "CC/GH/W paper"] == "-0.196" and side.loc["Stratified", "A/SE paper"] == "16.532"
     assert side.loc["GS", "A/SE ours"] == table.loc["GS", "A/SE"]
@@ -317,8 +334,11 @@ def test_build_table3() -> None:
                              "test_avg_ppl": ppl + 0.1 * seed})  # fmt: skip
     df = pd.DataFrame(rows)
     table, md = tables.build_table3(df, "tiny", "synthetic")
-    assert table.loc["GS", "A/SE Δ"] == "-0.500 ± 0.000" and table.loc["DoReMi", "A/SE Δ"] == "+0.300 ± 0.000"
+    # every seed moves by the same amount: the intervals have zero width and exclude 0
+    assert table.loc["GS", "A/SE Δ"] == "-0.500 [-0.500, -0.500] better"
+    assert table.loc["DoReMi", "A/SE Δ"] == "+0.300 [+0.300, +0.300] worse"
     assert table.loc["GS", "A/SE base"] == "20.050 ± 0.071"
-    assert table.loc["GS", "# settings improved"] == "1" and table.loc["DoReMi", "# settings improved"] == "0"
+    col = "# settings improved (W/T/L)"
+    assert table.loc["GS", col] == "1 (1/0/0)" and table.loc["DoReMi", col] == "0 (0/0/1)"
     assert table.loc["DML", "A/SE Δ"] == tables.MISSING
     assert "improves 1 of 2 comparisons" in md and md.startswith("**Table 3 (restricted setting; scale: tiny")

@@ -20,8 +20,11 @@ Differences from the released code (all documented in docs/deviations.md):
 - probe batches realise q_j exactly for every m (`probe_composition="exact"`); the official m = 7
   probes realise 0.545/0.091/0 and take 66 of the 140 nominal steps;
 - the solve can use the realised probe mixtures (`solve_with="realised"`) instead of the nominal ones;
-- `update_rule="multiplicative"` (default) is the paper's Algorithm 1; `"ema_from_uniform"` is the
-  released code with `--ema` (p ∝ exp(η colsum Ā_ema) recomputed from uniform each round);
+- `update_rule="ema_from_uniform"` (default) is what every released script ran (`--ema`: p ∝ exp(η
+  colsum Ā_ema) recomputed from uniform each round); `"multiplicative"` is the paper's Algorithm 1, a
+  named variant (`method=aioli_mult`);
+- η = 0 is allowed: the null arm (`method=aioli_null`) runs the same probes and schedule, p stays uniform;
+- the probe order is drawn from (seed, setting), not the seed alone, so settings do not share it;
 - `diagonal=True` with one_hot_factor = 1 keeps only the diagonal (the official code ignores the flag);
 - a zero-sum A after normalisation gives A = 0 (no update) instead of a division by zero.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -106,8 +110,8 @@ class Aioli(MixingMethod):
         lp_steps: optimizer steps per probe interval (k·m·lp_steps must be < U).
         one_hot_factor: f, the weight of the target group in a probe mixture (1/m < f ≤ 1).
         ema: γ for Ā = (1−γ)·A^t + γ·Ā_prev (None: no EMA).
-        update_rule: "multiplicative" (paper Alg. 1: p ∝ p_prev · exp(η colsum Ā)) or
-            "ema_from_uniform" (released code with --ema: p ∝ exp(η colsum Ā) from uniform each round).
+        update_rule: "ema_from_uniform" (released code with --ema: p ∝ exp(η colsum Ā) from uniform each
+            round; the default) or "multiplicative" (paper Alg. 1: p ∝ p_prev · exp(η colsum Ā)).
         normalize_A: official normalisation (see `normalize_A`), always on in the released scripts.
         diagonal: Aioli-Diagonal (keep only A_ii).
         prior, prior_steps: restricted setting; train prior_steps steps on the static prior, then run
@@ -117,7 +121,8 @@ class Aioli(MixingMethod):
         probe_composition: batch composition of probe steps: "exact" (mixtures realised for every m)
             or "multinomial".
         solve_with: "realised" (probe mixtures measured from the batches' group counts) or "nominal" (q_j).
-        seed_offset: mixed into ctx.seed for the probe-order generator (keeps it apart from the sampler's).
+        seed_offset: mixed with ctx.seed and the group names into the probe-order generator's seed (keeps
+            it apart from the sampler's, and different between settings).
     """
 
     name = "aioli"
@@ -130,7 +135,7 @@ class Aioli(MixingMethod):
         lp_steps: int,
         one_hot_factor: float,
         ema: float | None = None,
-        update_rule: str = "multiplicative",
+        update_rule: str = "ema_from_uniform",
         normalize_A: bool = True,
         diagonal: bool = False,
         prior: Sequence[float] | None = None,
@@ -167,8 +172,8 @@ class Aioli(MixingMethod):
         m = ctx.m
         if m < 2:
             raise ValueError(f"groups.names: Aioli needs at least 2 groups, got {ctx.groups}")
-        if not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) or not self.eta > 0:
-            raise ValueError(f"method.mixer.eta: must be a number > 0, got {self.eta!r}")
+        if not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) or not self.eta >= 0:
+            raise ValueError(f"method.mixer.eta: must be a number >= 0 (0: the null arm), got {self.eta!r}")
         self.lp_rounds = pos_int("lp_rounds", self.lp_rounds)
         self.lp_steps = pos_int("lp_steps", self.lp_steps)
         self.prior_steps = pos_int("prior_steps", self.prior_steps, minimum=0)
@@ -239,13 +244,14 @@ class Aioli(MixingMethod):
         self.f = float(self.one_hot_factor)
         self.Q = probe_mixtures(m, self.f)
         self._prior = None if self.prior is None else np.asarray(self.prior, dtype=np.float64)
-        self._rng = np.random.default_rng([int(ctx.seed), int(self.seed_offset)])
+        setting = zlib.crc32(",".join(ctx.groups).encode())
+        self._rng = np.random.default_rng([int(ctx.seed), int(self.seed_offset), setting])
         self._step = 0  # steps taken so far = index of the next batch
         self._last_validated = -1
         # current round
         self._round = -1
         self._order: list[int] = []
-        self._G = np.zeros((m, m))  # Σ of loss drops: row = eval group, column = probe mixture
+        self._G = np.zeros((self.lp_rounds, m, m))  # loss drops per sweep: row = eval group, column = probe
         self._prev: np.ndarray | None = None  # last val losses of this round
         self._prev_tau = -1  # boundary index τ at which _prev was taken
         self._n_drops = 0  # intervals whose drop entered _G this round
@@ -281,11 +287,11 @@ class Aioli(MixingMethod):
 
     def _ensure_round(self, t: int) -> None:
         # Rounds advance in order; each draws its probe order from the method's own generator, so the
-        # orders are a function of the seed alone (and the generator state is checkpointed).
+        # orders are a function of (seed, setting) alone (and the generator state is checkpointed).
         while self._round < t:
             self._round += 1
             self._order = [int(j) for _ in range(self.lp_rounds) for j in self._rng.permutation(self.ctx.m)]
-            self._G = np.zeros((self.ctx.m, self.ctx.m))
+            self._G = np.zeros((self.lp_rounds, self.ctx.m, self.ctx.m))
             self._prev, self._prev_tau, self._n_drops = None, -1, 0
             self._counts = np.zeros((self.K, self.ctx.m))
 
@@ -326,7 +332,8 @@ class Aioli(MixingMethod):
         self._ensure_round(t)
         loss = np.asarray(val_loss, dtype=np.float64).reshape(-1)
         if tau > 0 and self._prev is not None and self._prev_tau == tau - 1:
-            self._G[:, self._order[tau - 1]] += self._prev - loss  # column = probe, positive = loss drop
+            sweep = (tau - 1) // self.ctx.m
+            self._G[sweep, :, self._order[tau - 1]] += self._prev - loss  # column = probe, + = loss drop
             self._n_drops += 1
         self._prev, self._prev_tau = loss, tau
         if tau == self.K:
@@ -366,7 +373,10 @@ class Aioli(MixingMethod):
                 stacklevel=2,
             )
             return
-        beta = self._G / self.lp_rounds
+        beta = self._G.mean(axis=0)
+        # standard error of β from the k independent sweeps (the noise the update sees)
+        k = self.lp_rounds
+        beta_se = self._G.std(axis=0, ddof=1) / np.sqrt(k) if k > 1 else np.full_like(beta, np.nan)
         P = self._probe_matrix()
         A_raw = solve_A(beta, P, diagonal=bool(self.diagonal), one_hot=self.f == 1.0)
         if not np.all(np.isfinite(A_raw)):
@@ -396,6 +406,7 @@ class Aioli(MixingMethod):
                 "A_raw": A_raw.tolist(),
                 "A_ema": A_bar.tolist(),
                 "beta": beta.tolist(),
+                "beta_se": beta_se.tolist(),
                 "P": P.tolist(),
                 "p": self._p.tolist(),
             }
@@ -411,7 +422,7 @@ class Aioli(MixingMethod):
         return out or {}
 
     def history(self) -> list[dict]:
-        """One dict per round update: step, round, A (used, normalised), A_raw, A_ema, beta, P, p."""
+        """One dict per round update: step, round, A (used, normalised), A_raw, A_ema, beta, beta_se, P, p."""
         return copy.deepcopy(self._history)
 
     def lmo_matrix(self) -> np.ndarray | None:

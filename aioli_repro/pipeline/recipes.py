@@ -6,6 +6,7 @@
     skillit                        m one-hot graph runs -> skills graph -> online run
     doremi                         reference (= the stratified run) -> proxy -> final run on mean weights
     doge                           proxy -> final run on mean weights
+    headroom                       (analysis) static runs on a dense fixed grid -> the best static mixture
     dynamic_law                    (analysis) branch sweep from the stratified run -> linear dynamic law fit
 
 Every final summary records the training tokens of all stages that produced it.
@@ -24,8 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from aioli_repro.pipeline.stage import Stage, read_summary, stage_hash, stage_lock
 from aioli_repro.train import run_training
-
-ONLINE = ("stratified", "static", "aioli", "aioli_static", "aioli_diagonal")
 
 
 def derive(cfg: DictConfig, name: str, mixer: dict, **train: object) -> DictConfig:
@@ -89,13 +88,16 @@ class Pipeline:
         stage = Stage("run", derive(self.cfg, "stratified", STRATIFIED))
         return self.run(stage), stage.directory(self.results_dir)
 
-    def sweep(self) -> tuple[np.ndarray, list[dict]]:
+    def sweep(self, points: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+        """Static runs on `points` (default: the grid-search cover). Stage names and configs depend only
+        on the point and its index, so sweeps over the same mixtures share their runs."""
         from aioli_repro.simplex import grid_points
 
-        m = len(self.cfg.groups.names)
-        pcfg = self.cfg.method.get("pipeline", {})
-        n_runs = int(pcfg.get("n_runs", 10))
-        points = grid_points(m, n_runs=n_runs, seed=int(pcfg.get("cover_seed", self.cfg.seed)))
+        if points is None:
+            m = len(self.cfg.groups.names)
+            pcfg = self.cfg.method.get("pipeline", {})
+            n_runs = int(pcfg.get("n_runs", 10))
+            points = grid_points(m, n_runs=n_runs, seed=int(pcfg.get("cover_seed", self.cfg.seed)))
         summaries = []
         for i, p in enumerate(points):
             stage = Stage(f"sweep{i}", derive(self.cfg, "sweep", static_mixer(p)))
@@ -110,6 +112,24 @@ class Pipeline:
         best, _ = select_best(points, val)
         self.log(f"[pipeline] grid: best sweep point {best}: {np.round(points[best], 3).tolist()}")
         return {**summaries[best], "learned_proportions": _named(points[best], self.cfg.groups.names)}
+
+    def headroom(self) -> dict:
+        """The best static mixture on the fixed headroom grid (`simplex.headroom_points`), chosen by val
+        avg ppl; every point's val and test losses are kept for the headroom table."""
+        from aioli_repro.simplex import headroom_points, select_best
+
+        groups = list(self.cfg.groups.names)
+        points, summaries = self.sweep(headroom_points(len(groups)))
+        best, _ = select_best(points, _val_matrix(summaries, groups))
+        rows = [
+            {"p": _named(p, groups), "val_loss": s["val_loss"], "test_loss": s["test_loss"],
+             "val/avg_ppl": s["val/avg_ppl"], "test/avg_ppl": s["test/avg_ppl"]}
+            for p, s in zip(points, summaries)
+        ]  # fmt: skip
+        self.log(
+            f"[pipeline] headroom: best of {len(points)} points by val: {np.round(points[best], 3).tolist()}"
+        )
+        return {**summaries[best], "learned_proportions": _named(points[best], groups), "headroom_grid": rows}
 
     def dml(self) -> dict:
         from aioli_repro.laws import fit_log_linear, minimize_on_simplex
@@ -264,6 +284,8 @@ RECIPES = {
     "stratified": Pipeline.single,
     "static": Pipeline.single,
     "aioli": Pipeline.single,
+    "aioli_mult": Pipeline.single,
+    "aioli_null": Pipeline.single,
     "aioli_static": Pipeline.single,
     "aioli_diagonal": Pipeline.single,
     "grid": Pipeline.grid,
@@ -272,6 +294,7 @@ RECIPES = {
     "doremi": Pipeline.doremi,
     "doge": Pipeline.doge,
     "dynamic_law": Pipeline.dynamic_law,
+    "headroom": Pipeline.headroom,
 }
 
 
@@ -290,7 +313,7 @@ def run_method(
         "stages": pipe.done,
         "total_tokens": int(sum(s["train_tokens"] for s in _unique(pipe.done))),
         # the paper counts every grid-search sweep run as extra, though the winner doubles as the final run
-        "extra_runs": len(_unique(pipe.done)) - (0 if name in ("grid", "dynamic_law") else 1),
+        "extra_runs": len(_unique(pipe.done)) - (0 if name in ("grid", "headroom", "dynamic_law") else 1),
         "final_run_dir": final["run_dir"],
     }
     out = Path(results_dir) / f"{name}-pipeline-{stage_hash(cfg)}" / "summary.json"

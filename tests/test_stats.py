@@ -1,0 +1,122 @@
+"""Paired intervals, verdicts and the headroom table on constructed numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aioli_repro import headroom, stats, tables
+from aioli_repro.simplex import headroom_points, lattice_interior
+
+SEEDS = range(5)
+
+
+def _series(values) -> pd.Series:
+    return pd.Series(list(values), index=list(range(len(values))), dtype=float)
+
+
+def test_t_interval_matches_the_textbook_value() -> None:
+    mean, lo, hi = stats.t_interval(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    # sd = sqrt(2.5), t(0.975, 4) = 2.7764451, half = t * sd / sqrt(5) = 1.9632
+    assert mean == 3.0 and hi - mean == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), abs=1e-6)
+    assert mean - lo == pytest.approx(hi - mean)
+    assert all(math.isnan(v) for v in stats.t_interval(np.array([1.0]))[1:])
+
+
+def test_paired_uses_common_seeds_and_pairs_them() -> None:
+    ref = _series([10.0, 11.0, 12.0, 13.0, 14.0])
+    # a constant −0.2 on top of a large per-seed spread: unpaired it would be a tie, paired it is a win
+    x = ref - 0.2 + _series([0.01, -0.01, 0.02, -0.02, 0.0])
+    p = stats.paired(x, ref)
+    assert p.n == 5 and p.mean == pytest.approx(-0.2) and p.hi < 0 and p.verdict == "better"
+    assert stats.paired(x.iloc[:3], ref).n == 3  # only the seeds both have
+    assert stats.paired(pd.Series([1.0], index=[7]), ref) is None
+
+
+@pytest.mark.parametrize(
+    "diffs, verdict",
+    [
+        ([-0.3, -0.2, -0.25, -0.35, -0.3], "better"),
+        ([0.3, 0.2, 0.25, 0.35, 0.3], "worse"),
+        ([-0.5, 0.4, -0.3, 0.2, 0.1], "tie"),  # negative mean, interval contains 0
+        ([-0.9], "n<2"),
+    ],
+)
+def test_verdict_needs_the_interval_to_exclude_zero(diffs: list[float], verdict: str) -> None:
+    ref = _series(np.full(len(diffs), 20.0))
+    p = stats.paired(ref + _series(diffs), ref)
+    assert p.verdict == verdict
+    text = stats.fmt_paired(p)
+    assert text.startswith(f"{np.mean(diffs):+.3f}")
+    assert text.endswith(verdict) == (verdict in ("better", "worse")) and ("[" in text) == (len(diffs) > 1)
+    assert stats.tally(["better", "tie", "n<2", "worse", "better"]) == "2/2/1"
+
+
+def _frame(cells: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
+    rows = [
+        {"setting": s, "method": m, "seed": k, "scale": "mini", "data": "synthetic", "variant": None,
+         "test_avg_ppl": v, "extra_runs": 0, "total_tokens": 1000}
+        for (s, m), vals in cells.items() for k, v in enumerate(vals)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_table2_counts_only_interval_wins_and_shows_headroom_share() -> None:
+    strat = [20.0, 21.0, 19.0, 20.5, 19.5]
+    df = _frame({
+        ("A/SE", "stratified"): strat,
+        ("A/SE", "aioli"): [v - 0.5 + d for v, d in zip(strat, [0.05, -0.05, 0.0, 0.02, -0.02])],  # win
+        ("A/SE", "aioli_null"): [v + d for v, d in zip(strat, [0.3, -0.3, 0.2, -0.2, 0.0])],  # tie
+        ("GH/C4", "stratified"): strat,
+        ("GH/C4", "aioli"): [v - 0.4 + d for v, d in zip(strat, [0.5, -0.6, 0.4, -0.5, 0.1])],  # tie (noisy)
+        ("GH/C4", "grid"): [v + 0.3 for v in strat[:3]],  # loss, 3 seeds
+    })  # fmt: skip
+    no_headroom = [v - 0.01 * (k % 2) for k, v in enumerate(strat)]  # GH/C4: a tie, no headroom
+    best = pd.DataFrame({"setting": ["A/SE"] * 5 + ["GH/C4"] * 5, "seed": list(SEEDS) * 2,
+                         "test_avg_ppl": [v - 1.0 for v in strat] + no_headroom})  # fmt: skip
+    table, md = tables.build_table2(df, "mini", "synthetic", headroom=best)
+    assert table.loc["Aioli", tables.BEATING] == "1 (1/1/0)"
+    assert table.loc["Aioli null (η = 0)", tables.BEATING] == "0 (0/1/0)"
+    assert table.loc["GS", tables.BEATING] == "0 (0/0/1)" and table.loc["GS", tables.SEEDS] == "3"
+    assert table.loc["Aioli", "A/SE"].endswith("better") and "better" not in table.loc["Aioli", "GH/C4"]
+    assert table.loc["GS", "GH/C4"].startswith("+0.300 [+0.300, +0.300] worse")
+    assert list(table.index)[:2] == ["Stratified", tables.HEADROOM]
+    assert table.loc[tables.HEADROOM, "A/SE"].startswith("-1.000")
+    # share: only A/SE has headroom beyond the noise; Aioli took half of it
+    assert "**Share of the headroom captured**" in md
+    share_line = [line for line in md.splitlines() if line.startswith("| Aioli |")][-1]
+    assert share_line == "| Aioli | 0.50 |"
+
+
+def test_headroom_points_and_best_static(tmp_path: Path) -> None:
+    assert len(lattice_interior(3, 7)) == 15 and np.allclose(lattice_interior(3, 7).sum(1), 1)
+    assert lattice_interior(3, 7).min() == pytest.approx(1 / 7)
+    assert np.allclose(headroom_points(2)[:, 0], np.arange(1, 10) / 10)
+    assert len(headroom_points(7)) >= 20 and np.allclose(headroom_points(7).sum(1), 1)
+    # two points, three seeds: point 1 has the lower mean val and a test gain of exactly 0.5 per seed
+    rows = []
+    for seed in range(3):
+        grid = [{"p": {"a": 0.1, "b": 0.9}, "val/avg_ppl": 12.0, "test/avg_ppl": 12.0 + seed},
+                {"p": {"a": 0.6, "b": 0.4}, "val/avg_ppl": 9.0, "test/avg_ppl": 9.5 + seed}]  # fmt: skip
+        path = tmp_path / f"h{seed}.json"
+        path.write_text(json.dumps({"headroom_grid": grid}))
+        rows.append({"setting": "A/SE", "method": "headroom", "seed": seed, "path": str(path)})
+        rows.append(
+            {"setting": "A/SE", "method": "stratified", "seed": seed, "path": "", "test_avg_ppl": 10.0 + seed}
+        )
+    frame = pd.DataFrame(rows)
+    grid = headroom.load_grid(frame)
+    assert len(grid) == 6 and set(grid["p"]) == {"0.100 0.900", "0.600 0.400"}
+    best = headroom.best_static(grid)
+    assert list(best["point"]) == [1, 1, 1] and list(best["test_avg_ppl"]) == [9.5, 10.5, 11.5]
+    tab = headroom.headroom_table(grid, frame[frame["method"] == "stratified"], ["A/SE", "GH/C4"])
+    row = tab.iloc[0]
+    assert len(tab) == 1 and row["best static p"] == "0.600 0.400" and row["grid points"] == 2
+    assert row["delta"] == pytest.approx(-0.5) and row["verdict"] == "better"
+    pts = headroom.point_table(grid, frame[frame["method"] == "stratified"])
+    assert list(pts["delta"]) == [pytest.approx(2.0), pytest.approx(-0.5)]
