@@ -410,7 +410,8 @@ def run_inprocess(
     sweep, DoReMi: the stratified run) starts after that job, so no worker waits on a stage lock."""
     _quiet_lightning()
     failures: list[tuple[Job, str]] = []
-    pending = [j for j in jobs if not j.done]
+    # stratified and the Aioli arms first: a sweep cut short still has the comparisons with most seeds
+    pending = sorted((j for j in jobs if not j.done), key=lambda j: j.method not in CORE_METHODS)
     t0, n = time.time(), len(jobs)
     width = len(str(n))
     number = {id(j): i for i, j in enumerate(jobs, 1)}
@@ -691,12 +692,33 @@ def build(
     else:  # e.g. stratified only: no differences to draw
         print(f"[reproduce] no plot: {table} has no difference cells yet")
     if table == "table2":
+        paths.update(write_probe_noise(df, out_dir))
         side, side_md = paper_side_by_side(tab)
         paths["vs_paper_md"] = out_dir / "table2_vs_paper.md"
         paths["vs_paper_md"].write_text(side_md)
         paths["vs_paper_csv"] = out_dir / "table2_vs_paper.csv"
         side.to_csv(paths["vs_paper_csv"])
     return tab, md, paths
+
+
+def write_probe_noise(df, out_dir: Path) -> dict[str, Path]:
+    """beta_noise.{csv,md}: Aioli's probe signal |β| against its standard error, per setting."""
+    from aioli_repro.probe_noise import noise_table, round_records
+    from aioli_repro.tables import to_markdown
+
+    have = df[df["path"].map(lambda p: str(p).endswith("summary.json") and Path(str(p)).exists())]
+    records = round_records(have, ("aioli", "aioli_null", "aioli_mult"))
+    if records.empty:
+        return {}
+    tab = noise_table(records).round(5)
+    csv, md = out_dir / "beta_noise.csv", out_dir / "beta_noise.md"
+    tab.to_csv(csv, index=False)
+    md.write_text(
+        "**Aioli's probe signal against its noise** (β: loss drop per probe interval; se: standard error "
+        "over the k sweeps of a round; all Aioli arms, all rounds and seeds)\n\n"
+        f"{to_markdown(tab.set_index('setting'), 'Setting')}\n"
+    )
+    return {"beta_noise_csv": csv, "beta_noise_md": md}
 
 
 def headroom_runs(results_dir: Path, scale_name: str):

@@ -472,6 +472,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         "learned_proportions": (None if learned is None else dict(zip(groups, map(float, learned)))),
         "trajectory": mixing.trajectory,
         "val_history": mixing.val_history,
+        # Aioli: one record per round (A, beta and its per-sweep standard error, P, p)
+        "method_history": method.history() if hasattr(method, "history") else None,
         "delivered_sequences": dict(zip(groups, map(int, dm.sampler.delivered))),
         "resumed_from": resumed_from,
         "wall_s": time.time() - t0,
@@ -497,7 +499,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         for k in ("test/avg_ppl", "val/avg_ppl", "test/ppl_of_mean_loss", "train_tokens", "total_tokens"):
             wandb_logger.experiment.summary[k] = summary[k]
         wandb_logger.experiment.summary["summary_json"] = json.dumps(
-            {k: v for k, v in summary.items() if k not in ("trajectory", "val_history")}
+            {k: v for k, v in summary.items() if k not in ("trajectory", "val_history", "method_history")}
         )
         wandb_logger.experiment.finish()
     for logger in loggers:
