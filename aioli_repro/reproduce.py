@@ -24,7 +24,7 @@
 3. `tables.build_table2` / `build_table3` -> `<out-dir>/table2.{csv,md,png}` (+ `table2_vs_paper.md`).
 4. The table and the wall time are printed.
 
-`--scale tiny` is the CPU miniature `conf/scale/table_tiny.yaml` (synthetic groups, 128-step runs, 1 seed);
+`--scale tiny` is the CPU miniature `conf/scale/table_smoke.yaml` (synthetic groups, 128-step runs, 1 seed);
 `--scale paper` is `conf/scale/paper.yaml` (Pythia-160m on SlimPajama-6B, 5 / 3 seeds); `auto` picks
 paper when a CUDA GPU is present and tiny otherwise. Any other name is a `conf/scale/` file.
 Extra positional arguments are Hydra overrides applied to every job (e.g. `train.max_steps=20`).
@@ -669,6 +669,8 @@ def build(
     table: str, jobs: list[Job], scale: str, results_dir: Path, out_dir: Path, source: str, footer: str = ""
 ) -> tuple[object, str, dict[str, Path]]:
     """Build, write and return (table frame, markdown, {what: path})."""
+    import pandas as pd
+
     from aioli_repro.tables import build_table2, build_table3, paper_side_by_side, plot_table, write_table
 
     df = load_frame(jobs, results_dir, source)
@@ -693,6 +695,10 @@ def build(
         print(f"[reproduce] no plot: {table} has no difference cells yet")
     if table == "table2":
         paths.update(write_probe_noise(df, out_dir))
+        from aioli_repro.claims import claims_markdown
+
+        paths["claims_md"] = out_dir / "claims.md"
+        paths["claims_md"].write_text(claims_markdown(df, pd.DataFrame(tab.attrs["cells"])))
         side, side_md = paper_side_by_side(tab)
         paths["vs_paper_md"] = out_dir / "table2_vs_paper.md"
         paths["vs_paper_md"].write_text(side_md)

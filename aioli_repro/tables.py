@@ -212,7 +212,7 @@ def build_table2(
             table.loc[label, EXTRA] = f"{round(float(runs['extra_runs'].mean()), 2):g}"
             table.loc[label, TOKENS] = _human(float(runs["total_tokens"].mean()))
     table.attrs.update(cells=cells.to_dict("records"), scale=scale, data_label=data_label)
-    kind = "SMOKE TEST, not a result: one seed, 128-step runs; " if smoke else ""
+    kind = "SMOKE TEST, not a result; " if smoke else ""
     header = f"**Table 2 ({kind}scale: {scale}, data: {data_label}; {_seeds_text(cells['n'].tolist())})**"
     pct = int(round(LEVEL * 100))
     notes = (

@@ -362,7 +362,7 @@ def _compose(overrides: list[str]):
             time.sleep(10)
 
 
-@pytest.mark.parametrize("method", ["aioli", "aioli_static", "aioli_diagonal"])
+@pytest.mark.parametrize("method", ["aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal"])
 @pytest.mark.parametrize("groups", ["a_se", "a_b_se", "slimpajama_all"])
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
 def test_configs_compose_and_validate(method, groups, scale):
@@ -384,7 +384,10 @@ def test_configs_compose_and_validate(method, groups, scale):
             7: (1.0, 200, 2, 10, 0.75, 0.1),
         }
         e = expect[m]
-        assert (meth.eta, meth.lp_rounds, meth.lp_steps, meth.one_hot_factor, meth.ema) == (e[0], *e[2:])
+        eta = 0.0 if method == "aioli_null" else e[0]
+        assert (meth.eta, meth.lp_rounds, meth.lp_steps, meth.one_hot_factor, meth.ema) == (eta, *e[2:])
+        # the paper-scale default is the rule every released script ran; Alg. 1 is the named variant
+        assert meth.update_rule == ("multiplicative" if method == "aioli_mult" else "ema_from_uniform")
         assert meth.U == (ctx.max_steps if method == "aioli_static" else e[1])
         assert ctx.max_steps == (40000 if m == 7 else 5000)
     else:
@@ -440,3 +443,59 @@ def test_tiny_end_to_end_run(make_cfg, tmp_path):
     assert np.allclose(dict(s["trajectory"])[4], hist[0]["p"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("aioli/A/0_1" in r for r in rows) == 2
+
+
+@pytest.mark.parametrize(
+    "groups, m, rounds, delta, k",
+    [("a_se", 2, 20, 0.128, 4), ("gh_c4", 2, 20, 0.128, 4), ("a_b_se", 3, 20, 0.288, 4),
+     ("cc_gh_w", 3, 20, 0.288, 4), ("slimpajama_all", 7, 32, 0.70, 2)],
+)  # fmt: skip
+def test_miniature_keeps_the_papers_proportions(groups, m, rounds, delta, k):
+    cfg = _compose(["method=aioli", f"groups={groups}", "scale=miniature", "logger=none"])
+    t = cfg.train
+    meth = instantiate(cfg.method.mixer)
+    meth.setup(MixingContext(list(cfg.groups.names), int(t.max_steps), int(t.batch_size), 0))
+    assert t.warmup_steps / t.max_steps == pytest.approx(0.10)
+    assert meth.n_rounds == rounds and meth.lp_rounds == k
+    assert meth.lp_total / meth.U == pytest.approx(delta, abs=0.005)
+    assert meth.update_rule == "ema_from_uniform"
+    # Skill-It: 10 rounds for m = 2, 3; proxies as long as the run; grid 9 / 9 / 10 points
+    assert t.max_steps // cfg.hp.skillit.update_steps == (10 if m < 7 else 20)
+    assert cfg.hp.doremi.proxy_steps == cfg.hp.doge.proxy_steps == cfg.hp.skillit.graph_steps == t.max_steps
+    assert cfg.hp.grid.n_runs == (10 if m == 7 else 9)
+
+
+def test_null_arm_probes_like_aioli_and_keeps_p_uniform():
+    m, U = 3, 250
+    runs = {}
+    for eta in (0.1, 0.0):
+        meth = _aioli(m, 3 * U, eta=eta)
+        sim = LinearLawSim(meth, true_A(m))
+        sim.run(0, 3 * U)
+        runs[eta] = (meth, sim)
+    live, null = runs[0.1][0], runs[0.0][0]
+    # same probe schedule and mixtures in every round; only the exploitation mixture differs
+    probes = [[d[:2] for d in s.draws if (d[0] % U) < meth.lp_total] for meth, s in runs.values()]
+    assert len(probes[0]) == len(probes[1]) > 0
+    assert all(a[0] == b[0] and np.allclose(a[1], b[1]) for a, b in zip(*probes))
+    assert all(np.allclose(h["p"], 1 / m) for h in null.history())
+    assert not np.allclose(live.history()[-1]["p"], 1 / m)
+    # every round reports β with a standard error from its k sweeps
+    h = null.history()[0]
+    assert np.asarray(h["beta_se"]).shape == (m, m) and np.all(np.isfinite(h["beta_se"]))
+
+
+def test_probe_order_depends_on_the_setting():
+    def first_order(groups):
+        meth = _aioli(len(groups), 500)
+        meth.setup(MixingContext(groups, 500, B, 0))
+        meth.proportions()
+        meth._ensure_round(0)
+        return meth.probe_order()
+
+    a = first_order(["arxiv", "stackexchange"])
+    assert a == first_order(["arxiv", "stackexchange"])  # deterministic
+    orders = {
+        tuple(first_order([g, "stackexchange"])) for g in ("arxiv", "book", "c4", "github", "wikipedia")
+    }
+    assert len(orders) > 1  # A/SE and B/SE no longer share one probe order

@@ -28,7 +28,7 @@ def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_scripts_exist_and_parse() -> None:
     names = {p.name for p in SCRIPTS}
-    assert {"tiny_all.sh", *CLUSTER} <= names
+    assert {"smoke_all.sh", "miniature.sh", *CLUSTER} <= names
     for p in SCRIPTS:
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, f"{p.name}: {r.stderr}"
@@ -54,7 +54,7 @@ def test_paper_table2_script_plans_the_paper_sweep(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     jobs = [line for line in r.stdout.splitlines() if line.startswith("pending ")]
-    # 7 methods x 5 seeds for A/SE, x 3 seeds for m = 7; all at paper scale
-    assert len(jobs) == 7 * 5 + 7 * 3
+    # 9 rows (7 methods, Aioli's Alg. 1 variant and null arm) x 5 seeds for A/SE, x 3 seeds for m = 7
+    assert len(jobs) == 9 * 5 + 9 * 3
     assert all("scale=paper" in line for line in jobs)
-    assert sum("groups=slimpajama_all" in line and "experiment=table2_m7" in line for line in jobs) == 21
+    assert sum("groups=slimpajama_all" in line and "experiment=table2_m7" in line for line in jobs) == 27

@@ -20,7 +20,7 @@ from aioli_repro.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 SETTINGS_23 = ["a_se", "gh_c4", "b_se", "a_b_se", "cc_gh_w"]
-METHODS = ["stratified", "grid", "dml", "skillit", "doremi", "doge", "aioli"]
+METHODS = ["stratified", "grid", "dml", "skillit", "doremi", "doge", "aioli", "aioli_mult", "aioli_null"]
 BASELINES = ["grid", "dml", "skillit", "doremi", "doge"]
 # a micro budget: 20 steps, Aioli rounds of 10 (LearnParams k*m*1 < 10 for m <= 3), a 3-point grid
 MICRO = [
@@ -52,7 +52,7 @@ def test_table2_sweep_expands_to_every_setting_method_seed(tmp_path: Path) -> No
     jobs = reproduce.plan("table2", "paper", tmp_path)
     expected = {(s, m, k) for s in SETTINGS_23 for m in METHODS for k in range(5)}
     expected |= {("slimpajama_all", m, k) for m in METHODS for k in range(3)}  # m = 7: 3 seeds
-    assert len(jobs) == 5 * 7 * 5 + 7 * 3 == len(_cells(jobs))
+    assert len(jobs) == 5 * 9 * 5 + 9 * 3 == len(_cells(jobs))
     assert _cells(jobs) == expected
     assert {j.experiment for j in jobs if j.setting == "slimpajama_all"} == {"table2_m7"}
     # every job is a paper-scale config of its own setting, with its own pipeline directory
@@ -65,15 +65,18 @@ def test_table2_sweep_expands_to_every_setting_method_seed(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> list:
-    return reproduce.plan("table2", "table_tiny", tmp_path_factory.mktemp("plan"), 1, 1)
+    return reproduce.plan("table2", "table_smoke", tmp_path_factory.mktemp("plan"), 1, 1)
 
 
-def test_tiny_sweep_is_one_seed_and_its_aioli_schedule_fits(tiny_jobs: list) -> None:
-    assert reproduce.default_seeds("table_tiny", None, None) == (1, 1)
-    assert reproduce.default_seeds("paper", None, None) == (None, None)  # the experiments' 5 and 3
-    assert reproduce.default_seeds("paper", 4, None) == (4, 3)
+def test_smoke_sweep_is_one_seed_and_its_aioli_schedule_fits(tiny_jobs: list) -> None:
+    assert reproduce.default_seeds("table_smoke", "table2", None, None) == (1, 1, 1)
+    assert reproduce.default_seeds("paper", "table2", None, None) == (None, None, None)  # configs' 5 and 3
+    assert reproduce.default_seeds("paper", "table2", 4, None) == (4, 3, None)
+    # the miniature: 5 seeds for stratified and the Aioli arms everywhere, 3 for the other baselines
+    assert reproduce.default_seeds("miniature", "table2", None, None) == (5, 5, 3)
+    assert reproduce.default_seeds("miniature", "headroom", None, None) == (3, 3, 3)
     jobs = tiny_jobs
-    assert len(jobs) == 6 * 7 and {j.seed for j in jobs} == {0}
+    assert len(jobs) == 6 * 9 and {j.seed for j in jobs} == {0}
     from aioli_repro.mixing.aioli import Aioli
     from aioli_repro.mixing.base import MixingContext
 
@@ -89,8 +92,8 @@ def test_table3_sweep_and_selection(tmp_path: Path) -> None:
     assert len(jobs) == 5 * 5 * 5 + 5 * 3
     assert {j.method for j in jobs} == set(BASELINES)
     assert all(len(j.dirs) == 2 for j in jobs)  # base and +aioli pipelines
-    seeds = reproduce.default_seeds("table_tiny", 2, None)  # --seeds 2: m = 7 gets min(2, 3)
-    sub = reproduce.plan("table2", "table_tiny", tmp_path, *seeds, ["a_se", "slimpajama_all"], ["aioli"])
+    seeds = reproduce.default_seeds("paper", "table2", 2, None)[:2]  # --seeds 2: m = 7 gets min(2, 3)
+    sub = reproduce.plan("table2", "table_smoke", tmp_path, *seeds, ["a_se", "slimpajama_all"], ["aioli"])
     assert _cells(sub) == {("a_se", "aioli", 0), ("a_se", "aioli", 1), ("slimpajama_all", "aioli", 0),
                            ("slimpajama_all", "aioli", 1)}  # fmt: skip
 
@@ -99,7 +102,7 @@ def test_command_line_sweeps_replace_the_experiments_params() -> None:
     params = reproduce.sweep_params("table2")
     assert params["seed"] == "range(0,5)"
     jobs = reproduce.expand_overrides(params, ["experiment=table2", "groups=a_se", "seed=0,1"])
-    assert len(jobs) == 7 * 2
+    assert len(jobs) == 9 * 2
     assert all("groups=a_se" in j and "experiment=table2" in j for j in jobs)
 
 
@@ -156,7 +159,8 @@ def test_hydra_commands_split_node_types_and_phases(tiny_jobs: list, tmp_path: P
         "hydra/launcher=slurm_rtx6000ada", "hydra/launcher=slurm_rtx6000ada",
         "hydra/launcher=slurm_a100", "hydra/launcher=slurm_a100",
     ]  # fmt: skip
-    assert "method=dml,doremi" in cmds[1] and "method=stratified,grid,skillit,doge,aioli" in cmds[0]
+    assert "method=dml,doremi" in cmds[1]
+    assert "method=stratified,grid,skillit,doge,aioli,aioli_mult,aioli_null" in cmds[0]
     # launcher fields given on the driver's command line go to the Hydra command, after the launcher
     part = reproduce.hydra_commands("table2", jobs, "slurm", tmp_path, None, ["hydra.launcher.partition=gpu"])
     assert all(c[-1] == "hydra.launcher.partition=gpu" for c, _ in part)
@@ -167,13 +171,13 @@ def test_hydra_commands_split_node_types_and_phases(tiny_jobs: list, tmp_path: P
 
 # -- restricted setting ----------------------------------------------------------------------------
 def test_restricted_options_shortening_and_checks() -> None:
-    c = _compose("experiment=table3", "scale=table_tiny", "method=skillit", "groups=a_b_se")
+    c = _compose("experiment=table3", "scale=table_smoke", "method=skillit", "groups=a_b_se")
     assert restricted.options(c) == (0.5, c.hp.aioli.update_steps)
     short = restricted.shortened(restricted.base_config(c), 0.5)
     assert short.train.max_steps == c.train.max_steps // 2
     assert short.method.pipeline.graph_steps == c.hp.skillit.graph_steps // 2
     assert "restricted" not in restricted.base_config(c)
-    d = _compose("experiment=table3", "scale=table_tiny", "method=doremi")
+    d = _compose("experiment=table3", "scale=table_smoke", "method=doremi")
     assert restricted.shortened(d, 0.5).method.pipeline.proxy_steps == d.hp.doremi.proxy_steps // 2
     restricted.check_aioli(restricted.base_config(c), restricted.options(c)[1])
     with pytest.raises(ConfigError, match="update_steps"):
@@ -184,8 +188,8 @@ def test_restricted_options_shortening_and_checks() -> None:
     # the same run, launched from Table 2 or Table 3, has one hash
     from aioli_repro.pipeline.stage import stage_hash
 
-    t2 = _compose("experiment=table2", "scale=table_tiny", "method=grid")
-    t3 = _compose("experiment=table3", "scale=table_tiny", "method=grid")
+    t2 = _compose("experiment=table2", "scale=table_smoke", "method=grid")
+    t3 = _compose("experiment=table3", "scale=table_smoke", "method=grid")
     assert stage_hash(t2) == stage_hash(restricted.base_config(t3))
 
 
@@ -215,7 +219,7 @@ def test_driver_table2_end_to_end_hydra_path_and_resume(
     micro_runs: Path, capsys: pytest.CaptureFixture
 ) -> None:
     runs, out = micro_runs / "runs", micro_runs / "tables"
-    common = ["--scale", "tiny", "--results-dir", str(runs), "--out-dir", str(out), *MICRO]
+    common = ["--scale", "smoke", "--results-dir", str(runs), "--out-dir", str(out), *MICRO]
     # 1. the cluster path: a Hydra multirun (basic launcher) of one pipeline
     rc, log = _driver(
         capsys, "table2", *common, "--settings", "a_se", "--methods", "stratified", "--launcher", "local",
@@ -232,14 +236,14 @@ def test_driver_table2_end_to_end_hydra_path_and_resume(
     assert "6 pipelines, 1 done, 5 to run" in log
     assert "A/SE stratified seed 0: already done" in log
     md = (out / "table2.md").read_text()
-    assert md.startswith("**Table 2 (scale: table_tiny, data: synthetic groups")
+    assert md.startswith("**Table 2 (SMOKE TEST, not a result; scale: table_smoke, data: synthetic groups")
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     for label in ("Stratified", "GS", "Aioli"):
         cells = [c.strip() for c in rows[label].split("|")[2:-1]]
         assert cells[0] != "—" and cells[3] != "—", rows[label]  # A/SE and A/B/SE have numbers
         float(cells[0].split()[0])
     assert (out / "table2.png").stat().st_size > 0 and (out / "table2.csv").exists()
-    assert json.loads((out / "table2_runs.json").read_text())["scale"] == "table_tiny"
+    assert json.loads((out / "table2_runs.json").read_text())["scale"] == "table_smoke"
     # 3. again: nothing trains, nothing is rewritten, same table
     before = _stage_mtimes(runs)
     rc, log2 = _driver(
@@ -253,7 +257,7 @@ def test_driver_table2_end_to_end_hydra_path_and_resume(
 
 def test_driver_table3_end_to_end(micro_runs: Path, capsys: pytest.CaptureFixture) -> None:
     runs, out = micro_runs / "runs", micro_runs / "tables"
-    common = ["--scale", "tiny", "--results-dir", str(runs), "--out-dir", str(out), *MICRO]
+    common = ["--scale", "smoke", "--results-dir", str(runs), "--out-dir", str(out), *MICRO]
     rc, log = _driver(capsys, "table3", *common, "--settings", "a_se", "--methods", "grid")
     assert rc == 0, log
     base = json.loads(next(runs.glob("grid-restricted-base-pipeline-*/summary.json")).read_text())
@@ -290,7 +294,7 @@ def test_parallel_workers_start_a_reusing_method_after_its_prerequisite(
     # reference (not train it itself, nor block a worker on the stage lock), while Aioli runs meanwhile.
     runs = tmp_path / "runs"
     rc, log = _driver(
-        capsys, "table2", "--scale", "tiny", "--results-dir", str(runs), "--out-dir", str(tmp_path),
+        capsys, "table2", "--scale", "smoke", "--results-dir", str(runs), "--out-dir", str(tmp_path),
         "--settings", "a_se", "--methods", "doremi,aioli,stratified", "--n-jobs", "2", *MICRO,
     )  # fmt: skip
     assert rc == 0, log
@@ -322,7 +326,7 @@ def test_notebooks_execute(nb: str, micro_runs: Path, tmp_path: Path) -> None:
         from aioli_repro.pipeline.recipes import run_method
 
         cfg = reproduce.compose_job(
-            ["experiment=table2", "scale=table_tiny", "groups=a_se", "method=dynamic_law", "seed=0", *MICRO,
+            ["experiment=table2", "scale=table_smoke", "groups=a_se", "method=dynamic_law", "seed=0", *MICRO,
              "method.pipeline.n_children=3", "method.pipeline.branch_fraction=0.1"]
         )  # fmt: skip
         run_method(cfg, micro_runs / "runs", log=lambda s: None)
@@ -372,7 +376,7 @@ def test_local_parallel_multirun(tmp_path: Path, capsys: pytest.CaptureFixture) 
     """joblib launcher, 2 jobs at a time, one torch thread each."""
     runs = tmp_path / "runs"
     rc, log = _driver(
-        capsys, "table2", "--scale", "tiny", "--results-dir", str(runs), "--out-dir", str(tmp_path),
+        capsys, "table2", "--scale", "smoke", "--results-dir", str(runs), "--out-dir", str(tmp_path),
         "--settings", "a_se", "--methods", "stratified,aioli,doremi",
         "--launcher", "local_parallel", "--n-jobs", "2",
         *MICRO, f"hydra.sweep.dir={tmp_path / 'multirun'}",

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The Table 2 miniature of docs/miniature.md, as committed under docs/results/tiny/: the headroom grid first
+# (Table 2's grid search reuses its runs), then Table 2. Each step resumes where it stopped.
+#   bash experiments/miniature.sh [extra args for aioli_repro.reproduce, e.g. --n-jobs 2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RESULTS=${RESULTS:-results/mini}
+OUT=${OUT:-docs/results/tiny}
+
+"$PY" -m aioli_repro.reproduce headroom --scale tiny --results-dir "$RESULTS/runs" --out-dir "$OUT" "$@"
+"$PY" -m aioli_repro.reproduce table2 --scale tiny --results-dir "$RESULTS/runs" --out-dir "$OUT" "$@"
