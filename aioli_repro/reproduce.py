@@ -653,11 +653,13 @@ def budget_line(jobs: list[Job]) -> str:
     for experiment in dict.fromkeys(j.experiment for j in jobs):
         mine = [j for j in jobs if j.experiment == experiment]
         t = mine[0].meta
+        steps = sorted({int(j.meta["max_steps"]) for j in mine}, reverse=True)
         ms = "m = 7" if experiment.endswith("_m7") else "m = 2, 3"
-        seeds = sorted({j.seed for j in mine})
+        seeds = len({j.seed for j in mine})
+        few = len({j.seed for j in mine if j.method not in CORE_METHODS}) or seeds
         parts.append(
-            f"{ms}: {t['max_steps']} steps x {t['batch_size']} x {t['context_length']} tokens, "
-            f"{len(seeds)} seed{'s' * (len(seeds) != 1)}"
+            f"{ms}: {' / '.join(map(str, steps))} steps x {t['batch_size']} x {t['context_length']} tokens, "
+            f"{seeds} seed{'s' * (seeds != 1)}" + (f" ({few} for the other baselines)" if few < seeds else "")
         )
     c = jobs[0].meta
     return f"Budget ({c['scale_name']} scale, model {c['n_layer']} layers x d {c['d_model']}): " + "; ".join(

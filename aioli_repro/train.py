@@ -473,7 +473,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         "trajectory": mixing.trajectory,
         "val_history": mixing.val_history,
         # Aioli: one record per round (A, beta and its per-sweep standard error, P, p)
-        "method_history": method.history() if hasattr(method, "history") else None,
+        "method_history": method.history() if callable(getattr(method, "history", None)) else None,
         "delivered_sequences": dict(zip(groups, map(int, dm.sampler.delivered))),
         "resumed_from": resumed_from,
         "wall_s": time.time() - t0,
