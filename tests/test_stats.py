@@ -120,3 +120,32 @@ def test_headroom_points_and_best_static(tmp_path: Path) -> None:
     assert row["delta"] == pytest.approx(-0.5) and row["verdict"] == "better"
     pts = headroom.point_table(grid, frame[frame["method"] == "stratified"])
     assert list(pts["delta"]) == [pytest.approx(2.0), pytest.approx(-0.5)]
+
+
+def test_claims_follow_the_preregistered_rule() -> None:
+    from aioli_repro.claims import claims
+
+    strat = [20.0, 21.0, 19.0, 20.5, 19.5]
+    jitter = [0.02, -0.02, 0.01, -0.01, 0.0]
+    cells_in = {("A/SE", "stratified"): strat, ("GH/C4", "stratified"): strat}
+    # A/SE: Aioli wins by 0.5 and the null arm ties, so the gain is the adaptation's; GH/C4: a tie
+    cells_in[("A/SE", "aioli")] = [v - 0.5 + d for v, d in zip(strat, jitter)]
+    cells_in[("A/SE", "aioli_null")] = [v + d for v, d in zip(strat, jitter)]
+    cells_in[("GH/C4", "aioli")] = [v + d for v, d in zip(strat, [0.3, -0.3, 0.2, -0.2, 0.0])]
+    cells_in[("A/SE", "doge")] = [v + 0.4 for v in strat[:3]]  # DoGE loses somewhere: H3 holds for it
+    cells_in[("A/SE", "grid")] = [v - 0.2 for v in strat[:3]]  # GS wins where it ran, GH/C4 missing
+    df = _frame(cells_in)
+    best = pd.DataFrame({"setting": ["A/SE"] * 5 + ["GH/C4"] * 5, "seed": list(SEEDS) * 2,
+                         "test_avg_ppl": [v - 0.8 for v in strat] + [v + 0.001 for v in strat]})  # fmt: skip
+    table, _ = tables.build_table2(df, "mini", "synthetic", headroom=best)
+    status = claims(df, pd.DataFrame(table.attrs["cells"]))[0]["status"]
+    assert status["H1 Aioli never loses to stratified"] == "holds"
+    assert status["H2 Aioli wins where there is headroom"] == "holds"  # headroom only in A/SE, won there
+    assert status["H3 DoGE is not consistently better than stratified"] == "holds"
+    assert status["H3 GS is not consistently better than stratified"].startswith("undecided (1 of 2")
+    assert status["H4 Aioli's wins come from the adaptation (Aioli − null < 0 where Aioli wins)"] == "holds"
+    # a loss anywhere fails H1 at once, however many settings are missing
+    df2 = _frame({**cells_in, ("GH/C4", "aioli"): [v + 0.5 for v in strat]})
+    table2, _ = tables.build_table2(df2, "mini", "synthetic", headroom=best)
+    status2 = claims(df2, pd.DataFrame(table2.attrs["cells"]))[0]["status"]
+    assert status2["H1 Aioli never loses to stratified"] == "fails"
