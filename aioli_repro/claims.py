@@ -68,7 +68,8 @@ def claims(df: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
     wins = [s for s, x in aioli.items() if x == "better"]
     unexplained = [s for s in wins if gain[s] is None or gain[s].verdict != "better"]
     rows.append(("H4 Aioli's wins come from the adaptation (Aioli − null < 0 where Aioli wins)",
-                 "holds" if not unexplained else "fails", f"Aioli wins in {wins or 'none'}; "
+                 ("holds" if not unexplained else "fails") if wins else "not applicable (Aioli wins nowhere)",
+                 f"Aioli wins in {wins or 'none'}; "
                  f"Aioli − null not below 0 in {unexplained or 'none'}"))  # fmt: skip
     rule = _head_to_head(df, "aioli_mult", "aioli")
     diff = [s for s, p in rule.items() if p is not None and p.verdict in ("better", "worse")]
