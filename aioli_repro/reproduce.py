@@ -738,7 +738,9 @@ def headroom_runs(results_dir: Path, scale_name: str):
     if not any(results_dir.glob("headroom-pipeline-*/summary.json")):
         return None
     runs = load_runs(results_dir, source="summary")
-    best = best_static(load_grid(runs[(runs["method"] == "headroom") & (runs["scale"] == scale_name)]))
+    mine = runs[runs["method"].isin(["headroom", "stratified"]) & (runs["scale"] == scale_name)]
+    mine = mine[mine["variant"].isna()]
+    best = best_static(load_grid(mine))
     return best if len(best) else None
 
 
@@ -760,7 +762,8 @@ def build_headroom(
     md = (
         f"**Headroom: the best static mixture vs stratified (scale: {scale_name}, data: {label})**\n\n"
         f"{to_markdown(shown, 'Setting')}\n\nBest static p: the grid point with the lowest mean val avg ppl "
-        "over seeds. Δ: its test avg ppl − stratified's, paired by seed, with the 95% t-interval; "
+        "over seeds, uniform (stratified) included. Δ: its test avg ppl − stratified's, paired by seed, with "
+        "the 95% t-interval; "
         "`better` = headroom beyond the noise, otherwise none measurable (a negative control).\n"
         + ("\n" + footer + "\n" if footer else "")
     )

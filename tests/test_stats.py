@@ -107,11 +107,19 @@ def test_headroom_points_and_best_static(tmp_path: Path) -> None:
         path.write_text(json.dumps({"headroom_grid": grid}))
         rows.append({"setting": "A/SE", "method": "headroom", "seed": seed, "path": str(path)})
         rows.append(
-            {"setting": "A/SE", "method": "stratified", "seed": seed, "path": "", "test_avg_ppl": 10.0 + seed}
+            {
+                "setting": "A/SE",
+                "method": "stratified",
+                "seed": seed,
+                "path": "",
+                "test_avg_ppl": 10.0 + seed,
+                "val_avg_ppl": 10.0,
+            }
         )
     frame = pd.DataFrame(rows)
     grid = headroom.load_grid(frame)
-    assert len(grid) == 6 and set(grid["p"]) == {"0.100 0.900", "0.600 0.400"}
+    # stratified joins as the uniform point -1: the best static mixture is never worse than it
+    assert len(grid) == 9 and set(grid["p"]) == {"0.100 0.900", "0.600 0.400", "uniform"}
     best = headroom.best_static(grid)
     assert list(best["point"]) == [1, 1, 1] and list(best["test_avg_ppl"]) == [9.5, 10.5, 11.5]
     tab = headroom.headroom_table(grid, frame[frame["method"] == "stratified"], ["A/SE", "GH/C4"])
@@ -119,7 +127,14 @@ def test_headroom_points_and_best_static(tmp_path: Path) -> None:
     assert len(tab) == 1 and row["best static p"] == "0.600 0.400" and row["grid points"] == 2
     assert row["delta"] == pytest.approx(-0.5) and row["verdict"] == "better"
     pts = headroom.point_table(grid, frame[frame["method"] == "stratified"])
-    assert list(pts["delta"]) == [pytest.approx(2.0), pytest.approx(-0.5)]
+    assert list(pts["delta"]) == [pytest.approx(2.0), pytest.approx(-0.5), 0.0]
+    # when no grid point beats uniform on val, uniform is the best static mixture: no headroom, Δ = 0
+    worse = frame.copy()
+    worse.loc[worse["method"] == "stratified", "val_avg_ppl"] = 8.0
+    tab2 = headroom.headroom_table(
+        headroom.load_grid(worse), worse[worse["method"] == "stratified"], ["A/SE"]
+    )
+    assert tab2.iloc[0]["best static p"] == "uniform" and tab2.iloc[0]["delta"] == 0.0
 
 
 def test_claims_follow_the_preregistered_rule() -> None:
