@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aioli_repro.tables import SETTINGS
+
 
 def round_records(frame: pd.DataFrame, methods: tuple[str, ...] = ("aioli",)) -> pd.DataFrame:
     """One row per (setting, seed, round, i, j) of the Aioli pipelines in a `load_runs` frame: beta, se."""
@@ -42,4 +44,5 @@ def noise_table(records: pd.DataFrame) -> pd.DataFrame:
             "median |beta| / se": float((absb / d["se"]).median()),
             "share |beta| > 2 se": float((absb > 2 * d["se"]).mean()),
         })  # fmt: skip
-    return pd.DataFrame(out)
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    return pd.DataFrame(out).sort_values("setting", key=lambda c: c.map(order), kind="stable")
