@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from aioli_repro.stats import fmt_paired, paired
-from aioli_repro.tables import BASELINES, METHOD_LABELS, SETTINGS, to_markdown
+from aioli_repro.tables import BASELINES, METHOD_LABELS, SETTINGS, by_seed, to_markdown
 
 
 def _verdicts(cells: pd.DataFrame, method: str) -> dict[str, str]:
@@ -16,14 +16,13 @@ def _verdicts(cells: pd.DataFrame, method: str) -> dict[str, str]:
     return dict(zip(mine["setting"], mine["verdict"]))
 
 
-def _by_seed(df: pd.DataFrame, setting: str, method: str) -> pd.Series:
-    d = df[(df["setting"] == setting) & (df["method"] == method)]
-    return d.set_index("seed")["test_avg_ppl"].astype(float).sort_index()
+def _runs(df: pd.DataFrame, setting: str, method: str) -> pd.Series:
+    return by_seed(df[(df["setting"] == setting) & (df["method"] == method)])
 
 
 def _head_to_head(df: pd.DataFrame, a: str, b: str) -> dict[str, object]:
     """Per setting: the paired difference a − b (None where either is missing)."""
-    return {s: paired(_by_seed(df, s, a), _by_seed(df, s, b)) for s in SETTINGS}
+    return {s: paired(_runs(df, s, a), _runs(df, s, b)) for s in SETTINGS}
 
 
 def _status(ok: bool, decided: int, total: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from aioli_repro.stats import fmt_paired, paired
+from aioli_repro.tables import by_seed
 
 GRID_COLUMNS = ["setting", "seed", "point", "p", "val_avg_ppl", "test_avg_ppl"]
 
@@ -47,23 +48,19 @@ def best_static(grid: pd.DataFrame) -> pd.DataFrame:
     return grid.merge(chosen, on=["setting", "point"]).sort_values(["setting", "seed"]).reset_index(drop=True)
 
 
-def _by_seed(d: pd.DataFrame) -> pd.Series:
-    return d.set_index("seed")["test_avg_ppl"].astype(float).sort_index()
-
-
 def headroom_table(grid: pd.DataFrame, stratified: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
     """One row per setting: grid size, seeds, best static p, stratified and best test avg ppl, the paired
     difference with its 95% interval, and the verdict (better = headroom beyond the noise)."""
     best = best_static(grid)
     rows = []
     for s in [x for x in settings if x in set(grid["setting"])]:
-        b, ref = best[best["setting"] == s], _by_seed(stratified[stratified["setting"] == s])
-        pd_ = paired(_by_seed(b), ref)
+        b, ref = best[best["setting"] == s], by_seed(stratified[stratified["setting"] == s])
+        pd_ = paired(by_seed(b), ref)
         g = grid[grid["setting"] == s]
         rows.append({
             "setting": s, "grid points": int((g["point"].unique() >= 0).sum()), "seeds": g["seed"].nunique(),
             "best static p": b["p"].iloc[0], "stratified": round(float(ref.mean()), 3) if len(ref) else None,
-            "best static": round(float(_by_seed(b).mean()), 3),
+            "best static": round(float(by_seed(b).mean()), 3),
             "Δ [95% CI]": fmt_paired(pd_) if pd_ else "—", "verdict": pd_.verdict if pd_ else "no stratified",
             "delta": pd_.mean if pd_ else None, "lo": pd_.lo if pd_ else None, "hi": pd_.hi if pd_ else None,
         })  # fmt: skip

@@ -69,6 +69,11 @@ def fmt_paired(p: Paired, digits: int = 3) -> str:
     return s + (" better" if v == "better" else " worse" if v == "worse" else "")
 
 
+def wins_text(verdicts: list[str]) -> str:
+    """'2 (2/3/1)': the wins, then the W/T/L tally."""
+    return f"{sum(v == 'better' for v in verdicts)} ({tally(verdicts)})"
+
+
 def tally(verdicts: list[str]) -> str:
     """'W/T/L' counts of better / tie (or no interval) / worse."""
     w = sum(v == "better" for v in verdicts)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aioli_repro.stats import LEVEL, Paired, fmt_paired, paired, tally
+from aioli_repro.stats import LEVEL, Paired, fmt_paired, paired, wins_text
 
 SETTINGS = ("A/SE", "GH/C4", "B/SE", "A/B/SE", "CC/GH/W", "SlimPajama")
 # pipeline method name -> row label, in the paper's row order
@@ -70,7 +70,8 @@ def paper_table2() -> pd.DataFrame:
 
 
 # -- numbers -----------------------------------------------------------------------------------------
-def _by_seed(d: pd.DataFrame) -> pd.Series:
+def by_seed(d: pd.DataFrame) -> pd.Series:
+    """Test avg ppl indexed by seed (the series `stats.paired` pairs)."""
     return d.set_index("seed")["test_avg_ppl"].astype(float).sort_index()
 
 
@@ -131,15 +132,15 @@ def table2_cells(
     _check_unique(d, ["setting", "method", "seed"])
     cells = []
     for setting in SETTINGS:
-        ref = _by_seed(d[(d["setting"] == setting) & (d["method"] == "stratified")])
+        ref = by_seed(d[(d["setting"] == setting) & (d["method"] == "stratified")])
         if ref.empty:
             continue
         cells.append(_cell("Stratified", "stratified", setting, "abs", *_stats(ref)))
-        others = [(m, label, _by_seed(d[(d["setting"] == setting) & (d["method"] == m)]))
+        others = [(m, label, by_seed(d[(d["setting"] == setting) & (d["method"] == m)]))
                   for m, label in METHOD_LABELS.items() if m != "stratified"]  # fmt: skip
         if headroom is not None and len(headroom):
             h = headroom[headroom["setting"] == setting]
-            others.insert(0, ("headroom", HEADROOM, h.set_index("seed")["test_avg_ppl"].sort_index()))
+            others.insert(0, ("headroom", HEADROOM, by_seed(h)))
         for method, label, x in others:
             pd_ = paired(x, ref) if len(x) else None
             if pd_ is not None:
@@ -205,7 +206,7 @@ def build_table2(
             table.loc[label, SEEDS] = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
         if label != "Stratified" and len(mine):
             verdicts = mine["verdict"].tolist()
-            table.loc[label, BEATING] = f"{sum(v == 'better' for v in verdicts)} ({tally(verdicts)})"
+            table.loc[label, BEATING] = wins_text(verdicts)
     for method, label in METHOD_LABELS.items():
         runs = d[d["method"] == method]
         if len(runs):
@@ -299,7 +300,7 @@ def build_table3(
         label, verdicts = METHOD_LABELS[m], []
         for s in SETTINGS:
             sub = d[(d["setting"] == s) & (d["base_method"] == m)]
-            base, plus = _by_seed(sub[sub["variant"] == "base"]), _by_seed(sub[sub["variant"] == "+aioli"])
+            base, plus = by_seed(sub[sub["variant"] == "base"]), by_seed(sub[sub["variant"] == "+aioli"])
             for part, x in (("base", base), ("+Aioli", plus)):
                 if len(x):
                     c = _cell(label, m, s, "abs", *_stats(x))
@@ -312,8 +313,7 @@ def build_table3(
                 cells.append(c)
                 verdicts.append(pd_.verdict)
         if verdicts:
-            w = sum(v == "better" for v in verdicts)
-            table.loc[label, "# settings improved (W/T/L)"] = f"{w} ({tally(verdicts)})"
+            table.loc[label, "# settings improved (W/T/L)"] = wins_text(verdicts)
     table.attrs.update(cells=cells, scale=scale, data_label=data_label)
     deltas = np.array([c["mean"] for c in cells])
     wins = sum(c["verdict"] == "better" for c in cells)
