@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from aioli_repro.data.source import SLIMPAJAMA_GROUPS
@@ -16,13 +18,6 @@ def _steps_by_m(names: list, steps_small: int, steps_all: int) -> int:
     return int(steps_all) if len(names) >= 7 else int(steps_small)
 
 
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("steps_by_m"):
-        OmegaConf.register_new_resolver("steps_by_m", _steps_by_m)
-
-
-register_resolvers()
-
 # The paper's six settings (config name -> groups).
 SETTINGS: dict[str, list[str]] = {
     "a_se": ["arxiv", "stackexchange"],
@@ -32,6 +27,39 @@ SETTINGS: dict[str, list[str]] = {
     "cc_gh_w": ["commoncrawl", "github", "wikipedia"],
     "slimpajama_all": list(SLIMPAJAMA_GROUPS),
 }
+
+
+def is_paper_setting(key: str, names: list) -> bool:
+    """True when `names` are exactly the groups of the paper setting `key` (in its order)."""
+    return SETTINGS.get(str(key)) == [str(n) for n in names]
+
+
+def setting_key(paper_key: str, names: list) -> str:
+    """The setting's key: the paper's (e.g. `a_se`) for its own groups, else derived from the names.
+
+    Own data (`data=local groups.names=[code,docs,prose]`) must not run, save or tabulate under a
+    paper setting's name: its key becomes `code_docs_prose`, safe in file and run names."""
+    if is_paper_setting(paper_key, names):
+        return str(paper_key)
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(n)).strip("-") or "group" for n in names)
+
+
+def setting_label(paper_key: str, paper_label: str, names: list) -> str:
+    """The setting's label in tables: the paper's (e.g. `A/SE`) for its own groups, else `code/docs/prose`."""
+    return str(paper_label) if is_paper_setting(paper_key, names) else "/".join(map(str, names))
+
+
+def register_resolvers() -> None:
+    for name, fn in (
+        ("steps_by_m", _steps_by_m),
+        ("setting_key", setting_key),
+        ("setting_label", setting_label),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
 
 
 def _positive_int(cfg: DictConfig, path: str, minimum: int = 1) -> int:

@@ -84,13 +84,28 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def trajectory_records(summary: dict) -> list[dict]:
+    """A run's mixture trajectory as `{"step", "p": {group: value}, "probe"}` records, in step order.
+
+    Summaries written before trajectories carried group names hold `[step, [p...]]` pairs (no probe flag);
+    both shapes are read here, so nothing else needs to know about the old one."""
+    groups = list(summary["groups"])
+    out = []
+    for rec in summary.get("trajectory") or []:
+        if isinstance(rec, dict):
+            p, probe = dict(rec["p"]), bool(rec.get("probe", False))
+        else:
+            p, probe = dict(zip(groups, rec[1])), False
+        out.append({"step": int(rec["step"] if isinstance(rec, dict) else rec[0]), "p": p, "probe": probe})
+    return out
+
+
 def _trajectory_rows(summary: dict) -> list[tuple[int, dict[str, float]]]:
     """`p/<g>` rows by step; W&B drops non-increasing steps, so keep the last entry per step, sorted."""
-    groups = list(summary["groups"])
     by_step: dict[int, dict[str, float]] = {}
-    for step, p in summary.get("trajectory") or []:
-        row = {f"p/{g}": _finite(v) for g, v in zip(groups, p)}
-        by_step[int(step)] = {k: v for k, v in row.items() if v is not None}
+    for rec in trajectory_records(summary):
+        row = {f"p/{g}": _finite(v) for g, v in rec["p"].items()}
+        by_step[rec["step"]] = {k: v for k, v in row.items() if v is not None}
     return sorted(by_step.items())
 
 
@@ -311,6 +326,16 @@ def _load_wandb(root: Path, reader: str = "parser") -> pd.DataFrame:
         if key not in newest or stamp >= newest[key][0]:
             newest[key] = (stamp, row)
     return _frame([row for _, row in newest.values()])
+
+
+def data_label(df: pd.DataFrame) -> str:
+    """The data sources of a frame's runs, as a table header says them."""
+    data = sorted(str(x) for x in df["data"].dropna().unique())
+    if data == ["synthetic"]:
+        return "synthetic groups (aioli_repro.data.synthetic), not SlimPajama"
+    if data == ["slimpajama"]:
+        return "SlimPajama-6B"
+    return ", ".join(data) or "unknown"
 
 
 def load_runs_online(entity: str | None, project: str, timeout: int = 30) -> pd.DataFrame:

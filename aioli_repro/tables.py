@@ -115,29 +115,52 @@ def _cell(
 CELL_COLUMNS = ["row", "method", "setting", "kind", "mean", "std", "n", "lo", "hi", "verdict"]
 
 
+def method_label(method: str) -> str:
+    """A method's row label: the paper's name where it has one, else the pipeline name (`static`, ...)."""
+    return METHOD_LABELS.get(method, method)
+
+
+def present_settings(labels: object) -> list[str]:
+    """Setting labels in table order: the paper's six first (in its order), then any others, sorted."""
+    have = set(map(str, labels))
+    return [s for s in SETTINGS if s in have] + sorted(have - set(SETTINGS))
+
+
+def present_methods(methods: object) -> list[str]:
+    """Method names in row order: the paper's rows first (in its order), then any others, sorted."""
+    have = set(map(str, methods))
+    return [m for m in METHOD_LABELS if m in have] + sorted(have - set(METHOD_LABELS))
+
+
 def table2_cells(
-    df: pd.DataFrame, scale: str | None = None, headroom: pd.DataFrame | None = None
+    df: pd.DataFrame,
+    scale: str | None = None,
+    headroom: pd.DataFrame | None = None,
+    settings: list[str] | None = None,
+    methods: list[str] | None = None,
 ) -> pd.DataFrame:
     """Long numeric form of Table 2: row, method, setting, kind (abs | delta), mean, std, n, lo, hi, verdict.
 
     Stratified is absolute (mean, sd over seeds); every other row is paired with stratified over the seeds
     both have (`stats.paired`: mean difference, sd of the differences, 95% interval, verdict). `headroom`
     (from `headroom.best_static`) adds the best static mixture's row: per-seed test avg ppl of the point
-    chosen by mean val avg ppl.
+    chosen by mean val avg ppl. `settings` / `methods`: which to include (default: every one present).
     """
     d = _scale_rows(df, scale)
     if "variant" in d:
         d = d[d["variant"].isna()]  # restricted-setting runs belong to Table 3
-    d = d[d["method"].isin(list(METHOD_LABELS))]
+    methods = present_methods(d["method"]) if methods is None else list(methods)
+    settings = present_settings(d["setting"]) if settings is None else list(settings)
+    d = d[d["method"].isin(methods)]
     _check_unique(d, ["setting", "method", "seed"])
     cells = []
-    for setting in SETTINGS:
+    for setting in settings:
         ref = by_seed(d[(d["setting"] == setting) & (d["method"] == "stratified")])
         if ref.empty:
             continue
         cells.append(_cell("Stratified", "stratified", setting, "abs", *_stats(ref)))
-        others = [(m, label, by_seed(d[(d["setting"] == setting) & (d["method"] == m)]))
-                  for m, label in METHOD_LABELS.items() if m != "stratified"]  # fmt: skip
+        others = [(m, method_label(m), by_seed(d[(d["setting"] == setting) & (d["method"] == m)]))
+                  for m in methods if m != "stratified"]  # fmt: skip
         if headroom is not None and len(headroom):
             h = headroom[headroom["setting"] == setting]
             others.insert(0, ("headroom", HEADROOM, by_seed(h)))
@@ -182,19 +205,33 @@ def to_markdown(table: pd.DataFrame, index_label: str = "Method") -> str:
 def build_table2(
     df: pd.DataFrame, scale: str, data_label: str, headroom: pd.DataFrame | None = None, smoke: bool = False
 ) -> tuple[pd.DataFrame, str]:
-    """Table 2 for the runs at `scale`: rows = methods (+ the headroom row when `headroom` is given),
-    columns = the six settings + seeds, W/T/L against stratified, extra runs, tokens.
+    """Table 2 for the runs at `scale`: the comparison table with the paper's six settings and rows
+    (+ the headroom row when `headroom` is given). `smoke` labels the table as a smoke test."""
+    title = f"Table 2 ({'SMOKE TEST, not a result; ' if smoke else ''}scale: {scale}, data: {data_label}"
+    return build_comparison(df, scale, data_label, headroom, list(SETTINGS), list(METHOD_LABELS), title)
 
-    data_label describes the data source for the header. `smoke` labels the table as a smoke test.
-    """
-    cells = table2_cells(df, scale, headroom)
+
+def build_comparison(
+    df: pd.DataFrame,
+    scale: str | None,
+    data_label: str,
+    headroom: pd.DataFrame | None = None,
+    settings: list[str] | None = None,
+    methods: list[str] | None = None,
+    title: str | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """Rows = methods (default: every one present), columns = settings (default: every one present) + seeds,
+    W/T/L against stratified, extra runs, tokens. Table 2 is this with the paper's settings and rows."""
     d = _scale_rows(df, scale)
     if "variant" in d:
         d = d[d["variant"].isna()]
-    labels = list(METHOD_LABELS.values())
-    if (cells["method"] == "headroom").any():
+    methods = present_methods(d["method"]) if methods is None else list(methods)
+    settings = present_settings(d["setting"]) if settings is None else list(settings)
+    cells = table2_cells(d, None, headroom, settings, methods)
+    labels = [method_label(m) for m in methods]
+    if (cells["row"] == HEADROOM).any():
         labels.insert(1, HEADROOM)
-    cols = [*SETTINGS, SEEDS, BEATING, EXTRA, TOKENS]
+    cols = [*settings, SEEDS, BEATING, EXTRA, TOKENS]
     table = pd.DataFrame(MISSING, index=labels, columns=cols, dtype=object)
     table.index.name = "Method"
     for c in cells.to_dict("records"):
@@ -207,14 +244,14 @@ def build_table2(
         if label != "Stratified" and len(mine):
             verdicts = mine["verdict"].tolist()
             table.loc[label, BEATING] = wins_text(verdicts)
-    for method, label in METHOD_LABELS.items():
+    for method in methods:
         runs = d[d["method"] == method]
         if len(runs):
-            table.loc[label, EXTRA] = f"{round(float(runs['extra_runs'].mean()), 2):g}"
-            table.loc[label, TOKENS] = _human(float(runs["total_tokens"].mean()))
+            table.loc[method_label(method), EXTRA] = f"{round(float(runs['extra_runs'].mean()), 2):g}"
+            table.loc[method_label(method), TOKENS] = _human(float(runs["total_tokens"].mean()))
     table.attrs.update(cells=cells.to_dict("records"), scale=scale, data_label=data_label)
-    kind = "SMOKE TEST, not a result; " if smoke else ""
-    header = f"**Table 2 ({kind}scale: {scale}, data: {data_label}; {_seeds_text(cells['n'].tolist())})**"
+    title = title or f"Comparison (scale: {scale or 'all'}, data: {data_label}"
+    header = f"**{title}; {_seeds_text(cells['n'].tolist())})**"
     pct = int(round(LEVEL * 100))
     notes = (
         "Stratified: absolute average test perplexity (mean ± sd over seeds). Other rows: difference from "
@@ -223,7 +260,7 @@ def build_table2(
         f"{BEATING}: settings where the interval lies below 0 (better / tie / worse). "
         f"{EXTRA}: mean number of runs besides the final one. {TOKENS}: mean training tokens over all stages."
     )
-    if (cells["method"] == "headroom").any():
+    if (cells["row"] == HEADROOM).any():
         notes += (
             f" {HEADROOM}: the static mixture of the headroom grid with the lowest mean val avg ppl over "
             "seeds, its test difference paired like the others (`make headroom`)."
@@ -242,7 +279,7 @@ def build_table2(
 
 def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
     """Per method and setting with significant headroom: the method's mean Δ over the headroom's mean Δ."""
-    h = cells[(cells["method"] == "headroom") & (cells["verdict"] == "better")].set_index("setting")
+    h = cells[(cells["row"] == HEADROOM) & (cells["verdict"] == "better")].set_index("setting")
     if h.empty:
         return None
     rows = [label for m, label in METHOD_LABELS.items() if m != "stratified"]
@@ -355,7 +392,7 @@ def plot_table(table: pd.DataFrame, out_path: str | Path, title: str | None = No
             "plot_table: the table has no numeric cells (build it with build_table2/build_table3)"
         )
     cells = cells[cells["kind"] == "delta"]
-    settings = [s for s in SETTINGS if s in set(cells["setting"])]
+    settings = present_settings(cells["setting"])
     rows = list(dict.fromkeys(cells["row"]))
     fig = Figure(figsize=(max(6.0, 1.6 * len(settings) + 2), 4.0))
     FigureCanvasAgg(fig)

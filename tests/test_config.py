@@ -62,3 +62,22 @@ def test_bad_config_names_field(override, field):
         cfg = compose("train", overrides=["scale=tiny", "cache_dir=/tmp/x", override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, label",
+    [
+        ([], "a_se", "A/SE"),
+        (["groups=slimpajama_all"], "slimpajama_all", "SlimPajama"),
+        (["groups.names=[stackexchange,arxiv]"], "stackexchange_arxiv", "stackexchange/arxiv"),
+        (["data=local", "data.source.root=/tmp", "groups.names=[code,docs,prose]"], "code_docs_prose",
+         "code/docs/prose"),
+        (["groups.names=[my code,docs]", "groups.label=Mine"], "my-code_docs", "Mine"),
+        (["groups=gh_c4", "groups.key=gh"], "gh", "GH/C4"),
+    ],
+)  # fmt: skip
+def test_setting_names_follow_the_groups(make_cfg, overrides, key, label):
+    """Own groups never run, save or tabulate under a paper setting's name; a given key/label wins."""
+    cfg = make_cfg(*overrides)
+    assert (cfg.groups.key, cfg.groups.label) == (key, label)
+    assert cfg.run_name == f"stratified-{key}-s0"
