@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from aioli_repro.data.cache import (
     PackedGroups,
     build_packed,
     cache_root,
+    group_cache_dir,
     load_packed,
     token_dtype,
 )
@@ -56,6 +58,9 @@ class CountingSource(GroupSource):
 
     def fingerprint(self) -> dict:
         return {"docs": hashlib.sha256(json.dumps(self.docs, sort_keys=True).encode()).hexdigest()}
+
+    def group_fingerprint(self, group: str) -> dict:
+        return {"docs": hashlib.sha256(json.dumps(self.docs[group], sort_keys=True).encode()).hexdigest()}
 
     def loss_floor(self, group: str, split: str) -> float | None:
         return 0.5 if group == "a" and split == "val" else None
@@ -113,8 +118,12 @@ def test_packing_matches_hand_computation(tmp_path: Path) -> None:
         assert any(d.startswith(tail) for d in set(train_docs) - set(full))
         assert full != train_docs[: len(full)]  # really shuffled
     man = packed.manifest["groups"]
+    entries = packed.manifest["entries"]
+    assert (
+        re.fullmatch(r"a-[0-9a-f]{16}", entries["a"]) and packed.entry_dir("a") == packed.root / entries["a"]
+    )
     assert man["a"]["val"] | {"sha256": None} == {
-        "file": "a/val.bin",
+        "file": f"{entries['a']}/val.bin",
         "n_docs": 3,
         "n_tokens": 13,
         "n_seq": 3,
@@ -130,8 +139,13 @@ def test_packing_matches_hand_computation(tmp_path: Path) -> None:
             assert e["n_docs"] == len(docs[g][s])
             assert e["n_tokens"] == len(_flat_tokens(docs[g][s]))
             assert e["sha256"] == hashlib.sha256((packed.root / e["file"]).read_bytes()).hexdigest()
-    on_disk = json.loads((packed.root / MANIFEST_NAME).read_text())
-    assert on_disk["groups"] == man and on_disk["key"]["context_length"] == 4
+    for g in ("a", "b"):  # each group's entry keeps its own manifest, files relative to the entry
+        on_disk = json.loads((packed.entry_dir(g) / MANIFEST_NAME).read_text())
+        assert {s: on_disk["splits"][s]["file"] for s in SPLITS} == {s: f"{s}.bin" for s in SPLITS}
+        assert all(on_disk["splits"][s] | {"file": man[g][s]["file"]} == man[g][s] for s in SPLITS)
+        assert on_disk["key"]["context_length"] == 4 and on_disk["key"]["group"] == g
+    assert packed.stats()["a"]["val"] == {"docs": 3, "tokens": 13, "seqs": 3}
+    assert packed.stats()["b"]["test"] == {"docs": 1, "tokens": 13, "seqs": 3}
 
 
 def test_second_build_reads_nothing_and_is_identical(tmp_path: Path) -> None:
@@ -150,13 +164,18 @@ def test_second_build_reads_nothing_and_is_identical(tmp_path: Path) -> None:
     other = _build(CountingSource(_docs()), tmp_path / "other")
     for g in ("a", "b"):
         np.testing.assert_array_equal(other.train[g], first.train[g])
-    # adding a group later packs only that group, in the same root
+    # adding a group later packs only that group, in the same root; the others' entries are reused
     docs = _docs() | {"c": {s: ["cccc"] * 3 for s in SPLITS}}
     src_c = CountingSource(docs)
-    src_c.fingerprint = lambda: CountingSource(_docs()).fingerprint()  # same key: the extra group is additive
     out = build_packed(src_c, ByteTokenizer(), ["a", "c"], 4, tmp_path, progress=False)
     assert src_c.calls == 3 and out.root == first.root and out.groups == ["a", "c"]
+    assert out.entry_dir("a") == first.entry_dir("a")
     assert set(load_packed(first.root).groups) == {"a", "b", "c"}
+    # the run's key hashes its entries in run order, however they are opened
+    reordered = build_packed(CountingSource(docs), ByteTokenizer(), ["c", "a"], 4, tmp_path, progress=False)
+    assert load_packed(first.root, ["c", "a"]).manifest["key_hash"] == reordered.manifest["key_hash"]
+    assert load_packed(first.root, ["a", "c"]).manifest["key_hash"] == out.manifest["key_hash"]
+    assert reordered.manifest["key_hash"] != out.manifest["key_hash"]
 
 
 def test_key_changes_give_new_roots(tmp_path: Path) -> None:
@@ -168,30 +187,37 @@ def test_key_changes_give_new_roots(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reseeded.val["a"], base.val["a"])  # ... but not held-out data
     changed = _docs()
     changed["b"]["val"][0] = "HELLO"
-    assert _build(CountingSource(changed), tmp_path).root != base.root
+    other = _build(CountingSource(changed), tmp_path)
+    # same settings folder; only the changed group gets a new entry, and the run a new key
+    assert other.root == base.root and other.entry_dir("a") == base.entry_dir("a")
+    assert other.entry_dir("b") != base.entry_dir("b")
+    assert other.manifest["key_hash"] != base.manifest["key_hash"]
+    assert _build(CountingSource(_docs()), tmp_path).manifest["key_hash"] == base.manifest["key_hash"]
     assert cache_root(CountingSource(_docs()), ByteTokenizer(), 4, tmp_path) == base.root
+    for g in ("a", "b"):
+        assert group_cache_dir(CountingSource(_docs()), ByteTokenizer(), g, 4, tmp_path) == base.entry_dir(g)
 
 
 def test_corruption_detected_and_rebuilt(tmp_path: Path) -> None:
     packed = _build(CountingSource(_docs()), tmp_path)
-    root = packed.root
-    good = (root / "a/train.bin").read_bytes()
+    root, a_train, b_val = packed.root, packed.entry_dir("a") / "train.bin", packed.entry_dir("b") / "val.bin"
+    good = a_train.read_bytes()
     del packed  # drop the memmaps before touching the files
-    os.truncate(root / "a/train.bin", 10)
-    with pytest.raises(DataError, match=r"a/train\.bin has 10 bytes"):
+    os.truncate(a_train, 10)
+    with pytest.raises(DataError, match=r"/a-[0-9a-f]{16}/train\.bin has 10 bytes"):
         _build(CountingSource(_docs()), tmp_path)
-    with pytest.raises(DataError, match=r"a/train\.bin"):
+    with pytest.raises(DataError, match=r"a-[0-9a-f]{16}/train\.bin"):
         load_packed(root)
     src = CountingSource(_docs())
     rebuilt = _build(src, tmp_path, rebuild_on_mismatch=True)
     assert src.calls == 1  # only the broken file
-    assert (root / "a/train.bin").read_bytes() == good
+    assert a_train.read_bytes() == good
     assert rebuilt.train["a"].shape[0] * 4 * 2 == len(good)
     # same size, different bytes: only a checksum catches it
     del rebuilt
-    data = bytearray((root / "b/val.bin").read_bytes())
+    data = bytearray(b_val.read_bytes())
     data[0] ^= 1
-    (root / "b/val.bin").write_bytes(bytes(data))
+    b_val.write_bytes(bytes(data))
     _build(CountingSource(_docs()), tmp_path)  # size check passes
     with pytest.raises(DataError, match="sha256"):
         _build(CountingSource(_docs()), tmp_path, verify_checksums=True)
@@ -203,20 +229,83 @@ def test_corruption_detected_and_rebuilt(tmp_path: Path) -> None:
 
 def test_half_written_cache_without_manifest_is_rebuilt(tmp_path: Path) -> None:
     packed = _build(CountingSource(_docs()), tmp_path)
-    root = packed.root
-    expected = {s: packed.split(s)["a"].copy() for s in SPLITS}
+    root, entries = packed.root, [packed.entry_dir(g) for g in ("a", "b")]
+    expected = {g: {s: packed.split(s)[g].copy() for s in SPLITS} for g in ("a", "b")}
     del packed
-    (root / MANIFEST_NAME).unlink()
-    (root / "a" / "val.bin").write_bytes(b"\x01\x02")  # a torn file from a crashed build
-    (root / "b" / "train.bin.tmp-999").write_bytes(b"junk")  # a leftover temp file
-    with pytest.raises(DataError, match="manifest"):
-        load_packed(root)
+    for entry in entries:
+        (entry / MANIFEST_NAME).unlink()
+        (entry / "train.bin.tmp-999").write_bytes(b"junk")  # a leftover temp file
+    (entries[0] / "val.bin").write_bytes(b"\x01\x02")  # a torn file from a crashed build
+    for where in (root, entries[0]):
+        with pytest.raises(DataError, match="manifest"):
+            load_packed(where)
     src = CountingSource(_docs())
     again = _build(src, tmp_path)
     assert src.calls == 6  # nothing unlisted is trusted
-    for s in SPLITS:
-        np.testing.assert_array_equal(again.split(s)["a"], expected[s])
+    for g in ("a", "b"):
+        for s in SPLITS:
+            np.testing.assert_array_equal(again.split(s)[g], expected[g][s])
     assert not list(root.glob("*/*.tmp-*"))
+    assert load_packed(root, ["a"]).groups == ["a"]
+
+
+class FailingSource(CountingSource):
+    """Raises part-way through one group/split, like a build killed mid-way."""
+
+    def __init__(self, docs: dict, fail_at: tuple[str, str]) -> None:
+        super().__init__(docs)
+        self.fail_at = fail_at
+
+    def documents(self, group: str, split: str) -> Iterator[str]:
+        for i, d in enumerate(super().documents(group, split)):
+            if (group, split) == self.fail_at and i == 1:
+                raise KeyboardInterrupt
+            yield d
+
+
+def test_interrupted_build_resumes_where_it_stopped(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _build(FailingSource(_docs(), fail_at=("b", "val")), tmp_path)
+    root = cache_root(CountingSource(_docs()), ByteTokenizer(), 4, tmp_path)
+    b_entry = group_cache_dir(CountingSource(_docs()), ByteTokenizer(), "b", 4, tmp_path)
+    recorded = json.loads((b_entry / MANIFEST_NAME).read_text())["splits"]
+    assert list(recorded) == ["train"] and not list(root.glob("*/*.tmp-*"))  # the torn file is gone
+    assert sorted(p.name for p in b_entry.glob("*.bin")) == ["train.bin"]
+    with pytest.raises(DataError, match=r"for group\(s\) \['b'\]"):
+        load_packed(root, ["a", "b"])  # b is unfinished
+    log = tmp_path / "reads.log"
+    src = CountingSource(_docs(), log=str(log))
+    resumed = _build(src, tmp_path)
+    assert log.read_text().split("\n")[:-1] == [f"{os.getpid()} b val", f"{os.getpid()} b test"]
+    fresh = _build(CountingSource(_docs()), tmp_path / "fresh")
+    for s in SPLITS:
+        for g in ("a", "b"):
+            np.testing.assert_array_equal(resumed.split(s)[g], fresh.split(s)[g])
+    assert resumed.manifest["key_hash"] == fresh.manifest["key_hash"]
+
+
+def test_building_one_group_does_not_wait_for_another(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    src = CountingSource(_docs())
+    a_entry = group_cache_dir(src, ByteTokenizer(), "a", 4, tmp_path)
+    a_entry.mkdir(parents=True)
+    done: dict[str, PackedGroups] = {}
+
+    def pack(g: str) -> None:
+        done[g] = build_packed(src, ByteTokenizer(), [g], 4, tmp_path, progress=False)
+
+    threads = {g: threading.Thread(target=pack, args=(g,), daemon=True) for g in ("a", "b")}
+    with open(a_entry / ".lock", "a+") as held:  # another process is packing group a
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        threads["a"].start()
+        threads["b"].start()
+        threads["b"].join(timeout=20)
+        threads["a"].join(timeout=1)
+        assert set(done) == {"b"}  # b was packed at once; a waits for its lock
+    threads["a"].join(timeout=20)
+    assert set(done) == {"a", "b"} and done["a"].root == done["b"].root
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -293,8 +382,27 @@ def test_two_processes_share_one_build(tmp_path: Path) -> None:
     assert all(isinstance(r, dict) for r in results), results
     assert results[0] == results[1]
     reads = log.read_text().splitlines()
-    assert len(reads) == 6 and len({r.split()[0] for r in reads}) == 1  # one process built, the other reused
+    # every group/split was read exactly once: whichever process held an entry's lock packed it, and
+    # the other reused it
+    assert sorted(r.split(maxsplit=1)[1] for r in reads) == sorted(f"{g} {s}" for g in "ab" for s in SPLITS)
     packed = load_packed(
         cache_root(CountingSource(_docs()), ByteTokenizer(), 4, tmp_path / "cache"), verify_checksums=True
     )
     assert packed.groups == ["a", "b"]
+
+
+def test_a_source_without_group_fingerprints_keys_each_group_by_the_whole_source(tmp_path: Path) -> None:
+    class Whole(CountingSource):  # a third-party source that only implements fingerprint()
+        group_fingerprint = GroupSource.group_fingerprint
+
+    base = _build(Whole(_docs()), tmp_path)
+    assert base.entry_dir("a") != _build(CountingSource(_docs()), tmp_path).entry_dir("a")
+    src = Whole(_docs())
+    assert _build(src, tmp_path).manifest["key_hash"] == base.manifest["key_hash"] and src.calls == 0
+    changed = _docs()
+    changed["b"]["val"][0] = "HELLO"
+    src = Whole(changed)
+    other = _build(src, tmp_path)
+    # safe rather than minimal: any change re-keys every group
+    assert src.calls == 6 and other.entry_dir("a") != base.entry_dir("a")
+    np.testing.assert_array_equal(other.train["a"], base.train["a"])

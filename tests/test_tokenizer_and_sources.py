@@ -260,8 +260,14 @@ def test_local_source_errors(tmp_path: Path) -> None:
         list(LocalSource(str(root)).documents("blank", "train"))
     (root / "weird").mkdir()
     (root / "weird" / "a.docx").write_bytes(b"PK")
-    with pytest.raises(DataError, match=r"unknown type.*a\.docx"):
+    skipped = r"1 file, all skipped: extension \.docx not in data\.source\.extensions \(1: a\.docx\)"
+    with pytest.raises(DataError, match=rf"group 'weird'.*{skipped}"):
         list(LocalSource(str(root)).documents("weird", "train"))
+    assert LocalSource(str(root), extensions=[".docx"]).split_sizes("weird") == {
+        "train": 1,
+        "val": 0,
+        "test": 0,
+    }
     (root / "nofield").mkdir()
     (root / "nofield" / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match="no field 'text'"):

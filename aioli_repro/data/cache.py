@@ -1,10 +1,16 @@
 """Tokenise + pack once, memory-map forever.
 
-Layout of one cache entry (`root = cache_dir / "<source>-<key hash>"`):
+Layout: one folder per packing setting, holding one entry per group, keyed by that group's own
+fingerprint, so a group's cache does not depend on which other groups a run uses:
 
-    root/manifest.json        key inputs + per group/split: n_docs, n_tokens, n_seq, dtype, bytes, sha256
-    root/<group>/<split>.bin  raw (n_seq, context_length) array of token ids, uint16 or uint32
-    root/.lock                flock'ed while building, so processes sharing a cache do not collide
+    cache_dir/<source>-<settings hash>/         tokenizer, context_length, seed, FORMAT_VERSION
+      <group>-<entry hash>/                      + `source.group_fingerprint(group)`
+        manifest.json                            key inputs + per split: n_docs, n_tokens, n_seq, sha256
+        train.bin val.bin test.bin               raw (n_seq, context_length) token ids, uint16 or uint32
+        .lock                                    flock'ed while building this entry only
+
+`PackedGroups.root` is the settings folder; the run's manifest (`PackedGroups.manifest`) lists each
+group's files relative to it, and its `key_hash` hashes the entries' hashes in run order.
 
 Packing, per group and split: encode every document, append EOS after *every* document (the
 official code has no separator; see docs/deviations.md), concatenate, and cut into non-overlapping
@@ -12,8 +18,8 @@ windows of `context_length` tokens, dropping the remainder. Training documents a
 at the document level (seeded by `seed` and the group name); val/test keep the source's order.
 
 Crash safety: a .bin is written under a temporary name and `os.replace`d into place, and only then
-recorded in the manifest (itself written to a temporary file and renamed). Files that the manifest
-does not list are never trusted, so an interrupted build is simply resumed.
+recorded in its entry's manifest (itself written to a temporary file and renamed). Files that the
+manifest does not list are never trusted, so an interrupted build is simply resumed.
 """
 
 from __future__ import annotations
@@ -21,17 +27,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-from aioli_repro.data.source import SPLITS, DataError, GroupSource
+from aioli_repro.data.source import SPLITS, DataError, GroupSource, human_count
 from aioli_repro.data.tokenizer import Tokenizer
 
 try:
@@ -40,10 +47,11 @@ except ImportError:  # pragma: no cover - Windows: no cross-process lock
     fcntl = None
 
 #: bump when the on-disk format or the packing rule changes (invalidates every cache)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _ENCODE_BATCH = 64  # documents per tokenizer call (HF fast tokenizers batch in Rust)
 _FLUSH_TOKENS = 1 << 20  # tokens buffered before a write
+_BAR_DELAY_S = 2.0  # a progress bar appears only for a group that takes longer than this to pack
 
 
 @dataclass
@@ -74,6 +82,21 @@ class PackedGroups:
     def n_seq(self, group: str, split: str) -> int:
         return int(self.manifest["groups"][group][split]["n_seq"])
 
+    def entry_dir(self, group: str) -> Path:
+        """The cache folder holding this group's packed splits."""
+        return self.root / self.manifest["entries"][group]
+
+    def stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{group: {split: {"docs", "tokens" (EOS included, before the remainder is dropped), "seqs"}}}."""
+        return {g: _split_stats(self.manifest["groups"][g]) for g in self.groups}
+
+
+def _split_stats(splits: dict) -> dict[str, dict[str, int]]:
+    return {
+        s: {"docs": int(e["n_docs"]), "tokens": int(e["n_tokens"]), "seqs": int(e["n_seq"])}
+        for s, e in splits.items()
+    }
+
 
 # --- keys and small helpers -----------------------------------------------------------------------
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -92,31 +115,51 @@ def _jsonable(obj: object) -> object:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_key(
-    source: GroupSource, tokenizer: Tokenizer, context_length: int, seed: int = 0
+    source: GroupSource, tokenizer: Tokenizer, context_length: int, seed: int = 0, group: str | None = None
 ) -> tuple[str, dict]:
-    """(16-hex-digit hash, the inputs it hashes): everything that determines the packed arrays."""
-    inputs = _jsonable(
-        {
-            "fingerprint": source.fingerprint(),
-            "tokenizer": tokenizer.name,
-            "vocab_size": int(tokenizer.vocab_size),
-            "eos_id": int(tokenizer.eos_id),
-            "context_length": int(context_length),
-            "seed": int(seed),
-            "format_version": FORMAT_VERSION,
-        }
-    )
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    return digest, inputs
+    """(16-hex-digit hash, the inputs it hashes).
+
+    Without `group`: the packing settings every group shares (they name the cache root). With a
+    group: everything that determines that group's packed arrays (they name its entry)."""
+    inputs: dict = {
+        "source": source.name,
+        "tokenizer": tokenizer.name,
+        "vocab_size": int(tokenizer.vocab_size),
+        "eos_id": int(tokenizer.eos_id),
+        "context_length": int(context_length),
+        "seed": int(seed),
+        "format_version": FORMAT_VERSION,
+    }
+    if group is not None:
+        inputs |= {"group": group, "fingerprint": source.group_fingerprint(group)}
+    inputs = _jsonable(inputs)
+    return _digest(inputs), inputs
 
 
 def cache_root(
     source: GroupSource, tokenizer: Tokenizer, context_length: int, cache_dir: str | Path, seed: int = 0
 ) -> Path:
-    """Where `build_packed` keeps the arrays for these inputs."""
+    """The folder `build_packed` keeps every group's entry in for these settings (`PackedGroups.root`)."""
     digest, _ = cache_key(source, tokenizer, context_length, seed)
     return Path(cache_dir).expanduser() / f"{source.name}-{digest}"
+
+
+def group_cache_dir(
+    source: GroupSource,
+    tokenizer: Tokenizer,
+    group: str,
+    context_length: int,
+    cache_dir: str | Path,
+    seed: int = 0,
+) -> Path:
+    """The entry folder of one group's packed splits (it may not exist yet)."""
+    digest, _ = cache_key(source, tokenizer, context_length, seed, group=group)
+    return cache_root(source, tokenizer, context_length, cache_dir, seed) / f"{group}-{digest}"
 
 
 def _sha256_file(path: Path) -> str:
@@ -136,8 +179,8 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_manifest(root: Path) -> dict | None:
-    path = root / MANIFEST_NAME
+def _read_manifest(entry: Path) -> dict | None:
+    path = entry / MANIFEST_NAME
     if not path.exists():
         return None
     try:
@@ -166,18 +209,33 @@ def _check_group_name(group: str) -> None:
         )
 
 
-def _entry_problem(root: Path, entry: dict, context_length: int, verify_checksums: bool) -> str | None:
-    """Why a manifest entry's file cannot be used (None if it can)."""
-    path = root / entry["file"]
+def _entry_problem(entry: Path, split: dict, context_length: int, verify_checksums: bool) -> str | None:
+    """Why one split's file cannot be used (None if it can)."""
+    path = entry / split["file"]
     if not path.exists():
         return f"{path} is missing"
-    expected = int(entry["n_seq"]) * context_length * np.dtype(entry["dtype"]).itemsize
+    expected = int(split["n_seq"]) * context_length * np.dtype(split["dtype"]).itemsize
     size = path.stat().st_size
-    if size != expected or size != int(entry["bytes"]):
+    if size != expected or size != int(split["bytes"]):
         return f"{path} has {size} bytes, the manifest expects {expected}"
-    if verify_checksums and _sha256_file(path) != entry["sha256"]:
+    if verify_checksums and _sha256_file(path) != split["sha256"]:
         return f"{path} does not match its sha256 in the manifest"
     return None
+
+
+def _complete(manifest: dict | None) -> bool:
+    return (
+        manifest is not None
+        and manifest.get("format_version") == FORMAT_VERSION
+        and all(s in manifest.get("splits", {}) for s in SPLITS)
+    )
+
+
+def _usable(entry: Path, manifest: dict | None, key: dict, verify_checksums: bool) -> bool:
+    if not _complete(manifest) or manifest.get("key") != key:
+        return False
+    L = int(manifest["context_length"])
+    return all(_entry_problem(entry, manifest["splits"][s], L, verify_checksums) is None for s in SPLITS)
 
 
 # --- packing --------------------------------------------------------------------------------------
@@ -222,33 +280,47 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
 
 
 def _encode_stream(
-    source: GroupSource, tokenizer: Tokenizer, group: str, split: str, progress: bool
+    source: GroupSource, tokenizer: Tokenizer, group: str, split: str, on_docs: Callable[[int], object]
 ) -> Iterator[np.ndarray]:
     """Token ids of each document with EOS appended, range-checked, in source order."""
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
     vocab = int(tokenizer.vocab_size)
-    bar = tqdm(desc=f"pack {group}/{split}", unit="doc", disable=not progress, leave=False, mininterval=1.0)
-    try:
-        for docs in _batched(iter(source.documents(group, split)), _ENCODE_BATCH):
-            try:
-                encoded = tokenizer.encode_batch(docs)
-            except DataError as e:
-                raise DataError(f"group {group!r} split {split!r}: {e}") from e
-            for ids in encoded:
-                if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                    raise DataError(
-                        f"group {group!r} split {split!r}: tokenizer {tokenizer.name!r} produced ids in "
-                        f"[{int(ids.min())}, {int(ids.max())}], outside its vocab_size {vocab}"
-                    )
-                yield np.concatenate([ids, eos])
-            bar.update(len(docs))
-    finally:
-        bar.close()
+    for docs in _batched(iter(source.documents(group, split)), _ENCODE_BATCH):
+        try:
+            encoded = tokenizer.encode_batch(docs)
+        except DataError as e:
+            raise DataError(f"group {group!r} split {split!r}: {e}") from e
+        for ids in encoded:
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise DataError(
+                    f"group {group!r} split {split!r}: tokenizer {tokenizer.name!r} produced ids in "
+                    f"[{int(ids.min())}, {int(ids.max())}], outside its vocab_size {vocab}"
+                )
+            yield np.concatenate([ids, eos])
+        on_docs(len(docs))
 
 
 def _group_seed(seed: int, group: str) -> list[int]:
     # one independent stream per group, stable across Python runs (str hash() is salted)
     return [int(seed), int.from_bytes(hashlib.sha256(group.encode()).digest()[:8], "little")]
+
+
+def _write_shuffled(
+    stage: Path, tmp: Path, lengths: array, n_seq: int, L: int, seed: list[int], dtype: np.dtype
+) -> None:
+    """Copy the first n_seq * L tokens of the staged documents, taken in a seeded random order."""
+    lens = np.frombuffer(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    staged = np.memmap(stage, dtype=dtype, mode="r", shape=(int(lens.sum()),))
+    keep = n_seq * L
+    out = _TokenWriter(tmp, dtype)
+    for d in np.random.default_rng(seed).permutation(len(lens)):
+        take = min(int(lens[d]), keep - (out.written + out.buffered))
+        out.add(np.asarray(staged[starts[d] : starts[d] + take]))
+        if out.written + out.buffered >= keep:
+            break
+    out.close()
+    del staged
 
 
 def _pack_split(
@@ -258,57 +330,35 @@ def _pack_split(
     split: str,
     context_length: int,
     seed: int,
-    root: Path,
+    entry: Path,
     dtype: np.dtype,
-    progress: bool,
+    on_docs: Callable[[int], object],
 ) -> dict:
-    """Write `<root>/<group>/<split>.bin` and return its manifest entry."""
-    gdir = root / group
-    gdir.mkdir(parents=True, exist_ok=True)
-    final = gdir / f"{split}.bin"
-    tmp = gdir / f"{split}.bin.tmp-{os.getpid()}"
-    stage = gdir / f"{split}.stage.tmp-{os.getpid()}"
+    """Write `<entry>/<split>.bin` and return its manifest record."""
+    final = entry / f"{split}.bin"
+    tmp = entry / f"{split}.bin.tmp-{os.getpid()}"
+    stage = entry / f"{split}.stage.tmp-{os.getpid()}"
     try:
-        if split == "train":
-            # Pass 1: tokens in source order to a staging file, remembering document lengths only,
-            # so a large group never sits in RAM. Pass 2: copy documents out in shuffled order.
-            lengths = array("q")
-            w = _TokenWriter(stage, dtype)
-            for toks in _encode_stream(source, tokenizer, group, split, progress):
-                w.add(toks)
-                lengths.append(len(toks))
-            w.close()
-            n_docs, n_tokens = len(lengths), w.written
-            n_seq = n_tokens // context_length
-            if n_seq > 0:
-                lens = np.frombuffer(lengths, dtype=np.int64)
-                starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-                staged = np.memmap(stage, dtype=dtype, mode="r", shape=(n_tokens,))
-                keep = n_seq * context_length
-                out = _TokenWriter(tmp, dtype)
-                for d in np.random.default_rng(_group_seed(seed, group)).permutation(n_docs):
-                    take = min(int(lens[d]), keep - (out.written + out.buffered))
-                    out.add(np.asarray(staged[starts[d] : starts[d] + take]))
-                    if out.written + out.buffered >= keep:
-                        break
-                out.close()
-                del staged
-        else:
-            n_docs = 0
-            w = _TokenWriter(tmp, dtype)
-            for toks in _encode_stream(source, tokenizer, group, split, progress):
-                w.add(toks)
-                n_docs += 1
-            w.close()
-            n_tokens = w.written
-            n_seq = n_tokens // context_length
-            os.truncate(tmp, n_seq * context_length * dtype.itemsize)  # drop the partial last window
+        # train: tokens in source order to a staging file, remembering document lengths only, so a
+        # large group never sits in RAM; then copied out in shuffled document order
+        lengths = array("q")
+        w = _TokenWriter(stage if split == "train" else tmp, dtype)
+        for toks in _encode_stream(source, tokenizer, group, split, on_docs):
+            w.add(toks)
+            lengths.append(len(toks))
+        w.close()
+        n_docs, n_tokens = len(lengths), w.written
+        n_seq = n_tokens // context_length
         if n_seq == 0:
             raise DataError(
                 f"group {group!r} split {split!r} has {n_tokens} tokens ({n_docs} documents, one EOS each), "
                 f"fewer than one sequence of context_length={context_length}; use a smaller "
                 "train.context_length or give the group more data"
             )
+        if split == "train":
+            _write_shuffled(stage, tmp, lengths, n_seq, context_length, _group_seed(seed, group), dtype)
+        else:
+            os.truncate(tmp, n_seq * context_length * dtype.itemsize)  # drop the partial last window
         os.replace(tmp, final)
     finally:
         for p in (tmp, stage):
@@ -316,7 +366,7 @@ def _pack_split(
                 p.unlink()
     floor = source.loss_floor(group, split)
     return {
-        "file": f"{group}/{split}.bin",
+        "file": final.name,
         "n_docs": int(n_docs),
         "n_tokens": int(n_tokens),  # EOS included, before dropping the remainder
         "n_seq": int(n_seq),
@@ -327,19 +377,156 @@ def _pack_split(
     }
 
 
+# --- progress -------------------------------------------------------------------------------------
+def _progress_bar(source: GroupSource, group: str, splits: list[str], progress: bool) -> tqdm | None:
+    """A documents bar for an interactive terminal, when the source knows how many there are."""
+    if not progress or not sys.stderr.isatty():
+        return None  # a bar in a log file is noise; the summary line says it all
+    counts = [source.num_documents(group, s) for s in splits]
+    if any(n is None for n in counts):
+        return None
+    total = int(sum(counts))
+    return tqdm(total=total, desc=f"[data] pack {group}", unit="doc", delay=_BAR_DELAY_S, leave=False)
+
+
+def packed_line(group: str, splits: dict, seconds: float) -> str:
+    """'[data] packed code: train 812 docs 1.9M tokens | val 43 docs 98.1k tokens | ... (3.1 s)'."""
+    cells = [
+        f"{s} {st['docs']} docs {human_count(st['tokens'])} tokens" for s, st in _split_stats(splits).items()
+    ]
+    return f"[data] packed {group}: {' | '.join(cells)} ({seconds:.1f} s)"
+
+
+# --- one group's entry ----------------------------------------------------------------------------
+@dataclass
+class _Job:
+    """What every group's entry of one `build_packed` call shares."""
+
+    source: GroupSource
+    tokenizer: Tokenizer
+    context_length: int
+    seed: int
+    root: Path
+    dtype: np.dtype
+    progress: bool
+    verify_checksums: bool
+    rebuild_on_mismatch: bool
+
+
+def _new_manifest(job: _Job, group: str, digest: str, key: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": job.source.name,
+        "group": group,
+        "key_hash": digest,
+        "key": key,
+        "context_length": job.context_length,
+        "seed": job.seed,
+        "tokenizer": {
+            "name": job.tokenizer.name,
+            "vocab_size": int(job.tokenizer.vocab_size),
+            "eos_id": int(job.tokenizer.eos_id),
+        },
+        "dtype": job.dtype.name,
+        "splits": {},
+    }
+
+
+def _splits_to_pack(job: _Job, entry: Path, manifest: dict) -> list[str]:
+    """Splits without a sound file; a recorded file that is damaged is an error unless rebuilding."""
+    todo = []
+    for s in SPLITS:
+        rec = manifest["splits"].get(s)
+        if rec is not None:
+            problem = _entry_problem(entry, rec, job.context_length, job.verify_checksums)
+            if problem is None:
+                continue
+            if not job.rebuild_on_mismatch:
+                raise DataError(
+                    f"cache: {problem} (cache {entry}); delete it or pass rebuild_on_mismatch=True"
+                )
+        todo.append(s)
+    return todo
+
+
+def _build_entry(job: _Job, group: str, entry: Path, manifest: dict) -> None:
+    """Pack the missing splits of one group into `entry`, recording each in the manifest as it lands."""
+    todo = _splits_to_pack(job, entry, manifest)
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    bar = _progress_bar(job.source, group, todo, job.progress)
+    on_docs = bar.update if bar is not None else (lambda n: None)
+    try:
+        for s in todo:
+            rec = _pack_split(
+                job.source, job.tokenizer, group, s, job.context_length, job.seed, entry, job.dtype, on_docs
+            )
+            manifest["splits"][s] = rec
+            manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            # record each finished file at once: an interrupted build resumes where it stopped
+            _atomic_write_json(entry / MANIFEST_NAME, manifest)
+    finally:
+        if bar is not None:
+            bar.close()
+    if job.progress:
+        print(packed_line(group, manifest["splits"], time.perf_counter() - t0), file=sys.stderr, flush=True)
+
+
+def _ensure_entry(job: _Job, group: str) -> tuple[Path, dict]:
+    """This group's entry folder and manifest, packing whatever is missing (under the entry's lock)."""
+    digest, key = cache_key(job.source, job.tokenizer, job.context_length, job.seed, group=group)
+    entry = job.root / f"{group}-{digest}"
+    manifest = _read_manifest(entry)
+    if _usable(entry, manifest, key, job.verify_checksums):
+        return entry, manifest  # fast path: no lock, no document read
+    entry.mkdir(parents=True, exist_ok=True)
+    with _file_lock(entry / ".lock"):
+        manifest = _read_manifest(entry)  # another process may have finished it while we waited
+        if manifest is None or manifest.get("key") != key or manifest.get("format_version") != FORMAT_VERSION:
+            manifest = _new_manifest(job, group, digest, key)
+        # leftovers of an interrupted build (we hold the lock, so nobody else is writing them)
+        for p in entry.glob("*.tmp-*"):
+            p.unlink(missing_ok=True)
+        _build_entry(job, group, entry, manifest)
+    return entry, manifest
+
+
 # --- public API -----------------------------------------------------------------------------------
-def _open(root: Path, manifest: dict, groups: list[str]) -> PackedGroups:
+def _run_manifest(root: Path, entries: dict[str, tuple[Path, dict]]) -> dict:
+    """The manifest of one run: its groups' entries, files relative to `root`, and one key hash."""
+    first = next(iter(entries.values()))[1]
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": first["source"],
+        # identifies the exact data of the run (checkpoints store it): the entries' hashes in run order
+        "key_hash": _digest([m["key_hash"] for _, m in entries.values()]),
+        "context_length": int(first["context_length"]),
+        "seed": first["seed"],
+        "tokenizer": first["tokenizer"],
+        "dtype": first["dtype"],
+        "entries": {g: e.name for g, (e, _) in entries.items()},
+        "groups": {g: _relative_splits(e.name, m["splits"]) for g, (e, m) in entries.items()},
+    }
+
+
+def _relative_splits(entry_name: str, splits: dict) -> dict:
+    """An entry's split records with their files relative to the settings folder."""
+    return {s: {**splits[s], "file": f"{entry_name}/{splits[s]['file']}"} for s in SPLITS}
+
+
+def _open(root: Path, manifest: dict) -> PackedGroups:
     L = int(manifest["context_length"])
     arrays: dict[str, dict[str, np.ndarray]] = {s: {} for s in SPLITS}
-    for g in groups:
+    for g, splits in manifest["groups"].items():
         for s in SPLITS:
-            e = manifest["groups"][g][s]
+            e = splits[s]
             arrays[s][g] = np.memmap(
                 root / e["file"], dtype=np.dtype(e["dtype"]), mode="r", shape=(e["n_seq"], L)
             )
     tok = manifest["tokenizer"]
     return PackedGroups(
-        groups=list(groups),
+        groups=list(manifest["groups"]),
         context_length=L,
         vocab_size=int(tok["vocab_size"]),
         eos_id=int(tok["eos_id"]),
@@ -349,18 +536,6 @@ def _open(root: Path, manifest: dict, groups: list[str]) -> PackedGroups:
         manifest=manifest,
         root=root,
     )
-
-
-def _usable(root: Path, manifest: dict | None, groups: list[str], verify_checksums: bool) -> bool:
-    if manifest is None:
-        return False
-    L = int(manifest["context_length"])
-    for g in groups:
-        for s in SPLITS:
-            e = manifest["groups"].get(g, {}).get(s)
-            if e is None or _entry_problem(root, e, L, verify_checksums) is not None:
-                return False
-    return True
 
 
 def build_packed(
@@ -376,99 +551,99 @@ def build_packed(
 ) -> PackedGroups:
     """Pack the given groups (train/val/test) into the cache, reusing whatever is already there.
 
-    A file whose size (or, with `verify_checksums`, sha256) disagrees with the manifest raises a
-    DataError naming it, or is rebuilt when `rebuild_on_mismatch` is set.
+    Every group is validated (`source.validate`) before anything is written. A file whose size (or,
+    with `verify_checksums`, sha256) disagrees with its manifest raises a DataError naming it, or is
+    rebuilt when `rebuild_on_mismatch` is set. With `progress`, one line per group actually packed
+    goes to stderr (nothing when the cache is reused).
     """
     groups = list(groups)
     if not groups:
         raise DataError("groups: need at least one group to pack")
     for g in groups:
         _check_group_name(g)
-    source.check_groups(groups)
     if not isinstance(context_length, (int, np.integer)) or context_length < 1:
         raise DataError(f"train.context_length: must be an integer >= 1, got {context_length!r}")
-    context_length = int(context_length)
     dtype = token_dtype(int(tokenizer.vocab_size))
     if not 0 <= int(tokenizer.eos_id) < int(tokenizer.vocab_size):
         raise DataError(f"data.tokenizer: eos_id {tokenizer.eos_id} is outside [0, {tokenizer.vocab_size})")
-    digest, key_inputs = cache_key(source, tokenizer, context_length, seed)
-    root = Path(cache_dir).expanduser() / f"{source.name}-{digest}"
-    root.mkdir(parents=True, exist_ok=True)
+    source.validate(groups)  # every group, before any packing
+    root = cache_root(source, tokenizer, int(context_length), cache_dir, seed)
+    job = _Job(
+        source=source,
+        tokenizer=tokenizer,
+        context_length=int(context_length),
+        seed=int(seed),
+        root=root,
+        dtype=dtype,
+        progress=bool(progress),
+        verify_checksums=bool(verify_checksums),
+        rebuild_on_mismatch=bool(rebuild_on_mismatch),
+    )
+    entries = {g: _ensure_entry(job, g) for g in groups}
+    return _open(root, _run_manifest(root, entries))
 
-    manifest = _read_manifest(root)
-    if (
-        manifest is not None
-        and manifest.get("key") == key_inputs
-        and _usable(root, manifest, groups, verify_checksums)
-    ):
-        return _open(root, manifest, groups)  # fast path: no lock, no document read
 
-    with _file_lock(root / ".lock"):
-        manifest = _read_manifest(root)  # another process may have finished it while we waited
-        if manifest is None or manifest.get("key") != key_inputs:
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "source": source.name,
-                "key_hash": digest,
-                "key": key_inputs,
-                "context_length": context_length,
-                "seed": int(seed),
-                "tokenizer": {
-                    "name": tokenizer.name,
-                    "vocab_size": int(tokenizer.vocab_size),
-                    "eos_id": int(tokenizer.eos_id),
-                },
-                "dtype": dtype.name,
-                "groups": {},
-            }
-        # leftovers of an interrupted build (we hold the lock, so nobody else is writing them)
-        for p in root.glob("*/*.tmp-*"):
-            p.unlink(missing_ok=True)
-        for g in groups:
-            for s in SPLITS:
-                entry = manifest["groups"].get(g, {}).get(s)
-                if entry is not None:
-                    problem = _entry_problem(root, entry, context_length, verify_checksums)
-                    if problem is None:
-                        continue
-                    if not rebuild_on_mismatch:
-                        raise DataError(
-                            f"cache: {problem} (cache {root}); delete it or pass rebuild_on_mismatch=True"
-                        )
-                entry = _pack_split(source, tokenizer, g, s, context_length, seed, root, dtype, progress)
-                manifest["groups"].setdefault(g, {})[s] = entry
-                manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-                # record each finished file at once: an interrupted build resumes where it stopped
-                _atomic_write_json(root / MANIFEST_NAME, manifest)
-        _atomic_write_json(root / MANIFEST_NAME, manifest)
-    return _open(root, manifest, groups)
+def _entries_in(root: Path) -> dict[str, list[tuple[Path, dict]]]:
+    """Finished entries (manifest readable, this format, every split) under a settings folder, by group."""
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    for entry in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = _read_manifest(entry)
+        if _complete(m):
+            found.setdefault(m["group"], []).append((entry, m))
+    return found
+
+
+def _pick_entries(root: Path, groups: list[str] | None) -> dict[str, tuple[Path, dict]]:
+    """One finished entry per requested group of a settings folder (all groups by default)."""
+    found = _entries_in(root)
+    if not found:
+        raise DataError(
+            f"cache: no readable {MANIFEST_NAME} in {root} or its entry folders; it is not a finished "
+            "cache (rebuild it)"
+        )
+    groups = sorted(found) if groups is None else list(groups)
+    missing = [g for g in groups if g not in found]
+    if missing:
+        raise DataError(
+            f"cache: {root} has no finished entry (a folder with a readable {MANIFEST_NAME} and every "
+            f"split) for group(s) {missing}; it has {sorted(found)}; rebuild it with build_packed"
+        )
+    several = {g: [e.name for e, _ in found[g]] for g in groups if len(found[g]) > 1}
+    if several:
+        raise DataError(
+            f"cache: {root} holds several versions of {several}; pass one entry folder to load_packed, "
+            "or use build_packed, which picks the one matching the data"
+        )
+    return {g: found[g][0] for g in groups}
 
 
 def load_packed(
     root: str | Path, groups: list[str] | None = None, verify_checksums: bool = False
 ) -> PackedGroups:
-    """Open an existing cache by its manifest (all complete groups, in manifest order, by default)."""
+    """Open an existing cache: a settings folder (`PackedGroups.root`) or one group's entry folder.
+
+    From a settings folder: the given groups (default: every group it holds, by name), each of
+    which must have exactly one finished entry there."""
     root = Path(root).expanduser()
     manifest = _read_manifest(root)
-    if manifest is None:
-        raise DataError(
-            f"cache: no readable {MANIFEST_NAME} in {root}; it is not a finished cache (rebuild it)"
-        )
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest is not None and manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"cache: {root} has format_version {manifest.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}; rebuild it"
         )
-    complete = [g for g, e in manifest["groups"].items() if all(s in e for s in SPLITS)]
-    if groups is None:
-        groups = complete
-    missing = [g for g in groups if g not in complete]
-    if missing:
-        raise DataError(f"cache: {root} has no complete group(s) {missing}; it has {complete}")
-    L = int(manifest["context_length"])
-    for g in groups:
+    if manifest is not None:  # one group's entry
+        if not _complete(manifest) or (groups is not None and list(groups) != [manifest["group"]]):
+            raise DataError(f"cache: {root} is an unfinished entry or not one of {groups}; rebuild it")
+        root, entries = root.parent, {manifest["group"]: (root, manifest)}
+    elif (root / MANIFEST_NAME).exists() or not root.is_dir():
+        raise DataError(
+            f"cache: no readable {MANIFEST_NAME} in {root}; it is not a finished cache (rebuild it)"
+        )
+    else:
+        entries = _pick_entries(root, groups)
+    for entry, m in entries.values():
         for s in SPLITS:
-            problem = _entry_problem(root, manifest["groups"][g][s], L, verify_checksums)
+            problem = _entry_problem(entry, m["splits"][s], int(m["context_length"]), verify_checksums)
             if problem is not None:
                 raise DataError(f"cache: {problem}; rebuild it (build_packed(..., rebuild_on_mismatch=True))")
-    return _open(root, manifest, groups)
+    return _open(root, _run_manifest(root, entries))

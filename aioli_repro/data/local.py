@@ -1,20 +1,30 @@
 """`LocalSource`: bring your own groups from a folder.
 
 Layout (`root`, one entry per group; by default every subfolder of `root`, and every
-`.txt`/`.jsonl`/`.parquet` file directly in `root`, is a group named after it):
+`.txt`/`.jsonl`/`.parquet` file directly in `root`, is a group named after it; other files there
+are not groups):
 
     root/
-      arxiv/            a folder of documents: *.txt (one document per file),
-        a.txt             *.jsonl (one JSON object per line, text in `text_field`),
-        b.jsonl           *.parquet (column `text_field`); searched recursively
-      code.jsonl        or a single such file
-      books/            or pre-split: train/ val/ test/ subfolders (or files named
+      arxiv/            a folder of documents, searched recursively:
+        a.tex             plain text (extension in `data.source.extensions`: one document per file),
+        b.jsonl           *.jsonl (one JSON object per line, text in `text_field`),
+        c.parquet         *.parquet (column `text_field`)
+      code.jsonl        or a single .txt/.jsonl/.parquet file
+      books/            or pre-split: train/ val/ test/ subfolders (or .txt/.jsonl/.parquet files named
         train/ val/ test/   train.*, val.* / validation.*, test.*) used as they are
+
+Only names starting with "." are hidden (".git/", ".DS_Store"; "_notes.txt" is a normal file). Hidden
+entries, files of other extensions, empty files and binary-looking ones (a NUL byte in the first KiB)
+are skipped, each with its reason in `report()`. A group folder is pre-split when it holds all three
+of train, val (or validation) and test, or nothing but some of them (then the missing ones are an
+error); its other entries are skipped ("outside train/val/test"). A code folder with src/ and test/
+is not pre-split.
 
 Groups that are not pre-split are split per document: shuffle the document indices with
 `split_seed`, the first `val_fraction` go to val, the next `test_fraction` to test, the rest to
 train (at least one document each for val and test once a group has >= 3 documents). Only
-document counts and indices are held in memory; the text is streamed from the files.
+document counts and indices are held in memory; the text is streamed from the files. Each group's
+files are listed and counted once, on first use: make a new LocalSource to see later changes.
 """
 
 from __future__ import annotations
@@ -22,19 +32,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from aioli_repro.data.source import SPLITS, DataError, GroupSource
+from aioli_repro.data.source import SPLITS, DataError, GroupSource, human_count
 
-DOC_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+#: extensions with a structure (one document per line / row); always accepted
+STRUCTURED_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
+#: the default of `data.source.extensions` (keep in step with conf/data/local.yaml); "" = no extension
+DEFAULT_TEXT_EXTENSIONS: tuple[str, ...] = (
+    ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java",
+    ".kt", ".scala", ".js", ".ts", ".go", ".rs", ".rb", ".php", ".sh", ".sql", ".r", ".jl", ".lua",
+    ".hs", ".ml", ".swift", ".html", ".css", ".xml", ".yaml", ".yml", ".toml", ".cfg", ".ini", "",
+)  # fmt: skip
+#: files that can be a whole group (directly in root) or a split of one (train.jsonl, test.txt)
+_DATA_FILE_SUFFIXES: tuple[str, ...] = (".txt", *STRUCTURED_SUFFIXES)
 _SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "val": ("val", "validation"),
     "test": ("test",),
 }
+_BINARY_PROBE = 1024  # bytes read to tell text from binary
+_HIDDEN = "hidden (name starts with '.')"
+_OUTSIDE_SPLITS = "outside train/val/test of a pre-split group"
 
 
 def file_signature(path: str | Path, head_bytes: int = 1 << 20) -> dict:
@@ -50,28 +73,102 @@ def file_signature(path: str | Path, head_bytes: int = 1 << 20) -> dict:
     return {"size": size, "sha256_head_tail": h.hexdigest()[:32]}
 
 
-def _is_hidden(p: Path) -> bool:
-    return p.name.startswith(".") or p.name.startswith("_")
+def normalize_extensions(value: Iterable[str] | None) -> frozenset[str]:
+    """`data.source.extensions` as lower-case ".ext" strings ("" = files without an extension)."""
+    if value is None:
+        return frozenset(DEFAULT_TEXT_EXTENSIONS)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise DataError(f"data.source.extensions: must be a list like ['.txt', '.md'], got {value!r}")
+    out = set()
+    for e in value:
+        ext = e.strip().lower() if isinstance(e, str) else None
+        if ext and not ext.startswith("."):
+            ext = "." + ext
+        if ext is None or any(c in ext for c in "/\\ *") or ext.count(".") > 1:
+            raise DataError(
+                f"data.source.extensions: {e!r} is not an extension; write them like '.txt' "
+                "(only the last one counts: '.gz', not '.tar.gz'; '' for files without one)"
+            )
+        out.add(ext)
+    return frozenset(out)
 
 
-def _list_doc_files(folder: Path) -> list[Path]:
-    """All document files under `folder` (recursive, sorted); DataError on unknown file types."""
-    files, unknown = [], []
+def _skip_reason(p: Path, extensions: frozenset[str]) -> str | None:
+    """Why a (non-hidden) file is not read as documents, or None if it is."""
+    ext = p.suffix.lower()
+    if ext not in extensions and ext not in STRUCTURED_SUFFIXES:
+        return f"extension {ext or '(none)'} not in data.source.extensions"
+    try:
+        if p.stat().st_size == 0:
+            return "empty file"
+        if ext != ".parquet":
+            with open(p, "rb") as f:
+                if b"\0" in f.read(_BINARY_PROBE):
+                    return "binary (NUL byte in the first KiB)"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+@dataclass
+class _Listing:
+    """Files to read, and those skipped as (path relative to the group, reason)."""
+
+    used: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _walk(folder: Path, base: Path, extensions: frozenset[str], out: _Listing) -> None:
+    """Add every file under `folder` to `out`, sorted by path (that order numbers the documents)."""
+    used, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            if _is_hidden(p):
-                continue
-            (files if p.suffix in DOC_SUFFIXES else unknown).append(p)
-    if unknown:
-        shown = [str(u.relative_to(folder)) for u in unknown[:10]]
-        more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        raise DataError(
-            f"data.source.root: {folder} holds files of unknown type: {shown}{more}; "
-            f"allowed: {list(DOC_SUFFIXES)} (one document per .txt file, per .jsonl line, per .parquet row)"
-        )
-    return sorted(files)
+        d = Path(dirpath)
+        skipped += [(d / n, _HIDDEN) for n in dirnames if n.startswith(".")]
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        for name in filenames:
+            p = d / name
+            reason = _HIDDEN if name.startswith(".") else _skip_reason(p, extensions)
+            if reason is None:
+                used.append(p)
+            else:
+                skipped.append((p, reason))
+    out.used += sorted(used)
+    # report paths relative to the group (`base`), folders with a trailing slash
+    out.skipped += [(str(p.relative_to(base)) + ("/" if p.is_dir() else ""), r) for p, r in sorted(skipped)]
+
+
+def _split_of(p: Path) -> str | None:
+    """The split an entry of a group folder names (train/, val.jsonl, ...), if any."""
+    if p.is_dir():
+        stem = p.name
+    elif p.suffix.lower() in _DATA_FILE_SUFFIXES:
+        stem = p.name.split(".")[0]
+    else:
+        return None
+    return next((s for s, aliases in _SPLIT_ALIASES.items() if stem in aliases), None)
+
+
+def _summarize(skipped: list[tuple[str, str]]) -> str:
+    """'extension .png not in data.source.extensions (3: a.png, b.png, ...); empty file (1: c.txt)'."""
+    by_reason: dict[str, list[str]] = {}
+    for rel, reason in skipped:
+        by_reason.setdefault(reason, []).append(rel)
+    parts = []
+    for reason, rels in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        parts.append(f"{reason} ({len(rels)}: {', '.join(rels[:2])}{', ...' if len(rels) > 2 else ''})")
+    return "; ".join(parts)
+
+
+@dataclass
+class GroupReport:
+    """What `LocalSource` makes of one group folder (or file)."""
+
+    group: str
+    path: Path
+    files: list[str]  # files read, relative to `path`
+    skipped: list[tuple[str, str]]  # (relative path, reason)
+    docs: dict[str, int]  # documents per split; empty when the group cannot be used
+    error: str | None = None  # why the group cannot be used
 
 
 class _DocFiles:
@@ -91,46 +188,55 @@ class _DocFiles:
         return int(sum(self.counts()))
 
     def _count(self, p: Path) -> int:
-        if p.suffix == ".txt":
-            return 1
-        if p.suffix == ".jsonl":
+        ext = p.suffix.lower()
+        if ext == ".jsonl":
             with open(p, "rb") as f:
                 return sum(1 for line in f if line.strip())
-        import pyarrow.parquet as pq
-
-        return int(pq.ParquetFile(p).metadata.num_rows)
-
-    def _iter_file(self, p: Path) -> Iterator[str]:
-        if p.suffix == ".txt":
-            yield p.read_text(encoding="utf-8", errors="replace")
-        elif p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{lineno}: not valid JSON ({e})") from e
-                    if not isinstance(obj, dict) or self.text_field not in obj:
-                        keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                        raise DataError(
-                            f"{p}:{lineno}: no field {self.text_field!r} (data.source.text_field); "
-                            f"found {keys}"
-                        )
-                    yield str(obj[self.text_field])
-        else:
+        if ext == ".parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(p)
-            if self.text_field not in pf.schema_arrow.names:
-                raise DataError(
-                    f"{p}: no column {self.text_field!r} (data.source.text_field); "
-                    f"found {pf.schema_arrow.names}"
-                )
-            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-                for t in batch.column(0).to_pylist():
-                    yield "" if t is None else str(t)
+            try:
+                return int(pq.ParquetFile(p).metadata.num_rows)
+            except Exception as e:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{p}: not a readable parquet file ({e})") from e
+        return 1
+
+    def _iter_jsonl(self, p: Path) -> Iterator[str]:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{lineno}: not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or self.text_field not in obj:
+                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(
+                        f"{p}:{lineno}: no field {self.text_field!r} (data.source.text_field); found {keys}"
+                    )
+                yield str(obj[self.text_field])
+
+    def _iter_parquet(self, p: Path) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(p)
+        if self.text_field not in pf.schema_arrow.names:
+            raise DataError(
+                f"{p}: no column {self.text_field!r} (data.source.text_field); found {pf.schema_arrow.names}"
+            )
+        for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+            for t in batch.column(0).to_pylist():
+                yield "" if t is None else str(t)
+
+    def _iter_file(self, p: Path) -> Iterator[str]:
+        ext = p.suffix.lower()
+        if ext == ".jsonl":
+            yield from self._iter_jsonl(p)
+        elif ext == ".parquet":
+            yield from self._iter_parquet(p)
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
 
     def iter_docs(self, keep: np.ndarray | None = None) -> Iterator[str]:
         """Documents in file order; with `keep` (a bool mask over global indices) only those."""
@@ -140,6 +246,22 @@ class _DocFiles:
                 if keep is None or keep[i]:
                     yield doc
                 i += 1
+
+
+@dataclass
+class _Group:
+    """One group, listed and counted: per split the files to read and (carved groups) a mask."""
+
+    path: Path
+    listing: _Listing
+    files: dict[str, _DocFiles] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    fingerprint: dict | None = None
+
+    def rel(self, p: Path) -> str:
+        return str(p.relative_to(self.path)) if self.path.is_dir() else p.name
 
 
 class LocalSource(GroupSource):
@@ -155,15 +277,16 @@ class LocalSource(GroupSource):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         split_seed: int = 42,
+        extensions: Iterable[str] | None = None,
     ) -> None:
         if root is None or not str(root).strip():
             raise DataError("data.source.root: required (a folder with one subfolder or file per group)")
         self.root = Path(str(root)).expanduser().resolve()
         if not self.root.is_dir():
             raise DataError(f"data.source.root: {self.root} does not exist or is not a folder")
-        for field, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= float(v) < 1.0:
-                raise DataError(f"data.source.{field}: must be in [0, 1), got {v!r}")
+                raise DataError(f"data.source.{name}: must be in [0, 1), got {v!r}")
         if float(val_fraction) + float(test_fraction) >= 1.0:
             raise DataError(
                 f"data.source.val_fraction + test_fraction must be < 1 (train needs documents), "
@@ -173,27 +296,24 @@ class LocalSource(GroupSource):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.split_seed = int(split_seed)
+        self.extensions = normalize_extensions(extensions)
         self.group_paths: dict[str, Path] = self._resolve_groups(groups)
-        # per group: split -> _DocFiles, plus (for carved groups) split -> bool mask over documents
-        self._files: dict[str, dict[str, _DocFiles]] = {}
-        self._masks: dict[str, dict[str, np.ndarray]] = {}
+        self._groups: dict[str, _Group] = {}
 
     # --- layout -----------------------------------------------------------------------------
     def _resolve_groups(self, groups: Mapping[str, str] | None) -> dict[str, Path]:
         if groups is None:
             found: dict[str, Path] = {}
             for p in sorted(self.root.iterdir()):
-                if _is_hidden(p):
+                if p.name.startswith(".") or not (p.is_dir() or p.suffix.lower() in _DATA_FILE_SUFFIXES):
                     continue
-                if p.is_dir() or p.suffix in DOC_SUFFIXES:
-                    g = p.name if p.is_dir() else p.stem
-                    if g in found:
-                        raise DataError(f"data.source.root: group {g!r} is both {found[g]} and {p}; keep one")
-                    found[g] = p
+                g = p.name if p.is_dir() else p.stem
+                if g in found:
+                    raise DataError(f"data.source.root: group {g!r} is both {found[g]} and {p}; keep one")
+                found[g] = p
             if not found:
-                raise DataError(
-                    f"data.source.root: {self.root} has no group subfolders or {list(DOC_SUFFIXES)} files"
-                )
+                kinds = list(_DATA_FILE_SUFFIXES)
+                raise DataError(f"data.source.root: {self.root} has no group subfolders or {kinds} files")
             return found
         out = {}
         for g, rel in dict(groups).items():
@@ -207,60 +327,82 @@ class LocalSource(GroupSource):
             )
         return out
 
-    def _presplit_files(self, folder: Path) -> dict[str, list[Path]] | None:
-        """train/val/test subfolders or files, if the group folder is laid out that way."""
-        found: dict[str, list[Path]] = {}
-        for split, aliases in _SPLIT_ALIASES.items():
-            for p in sorted(folder.iterdir()):
-                stem = p.name if p.is_dir() else p.name.split(".")[0]
-                if stem in aliases and (p.is_dir() or p.suffix in DOC_SUFFIXES):
-                    found.setdefault(split, []).extend(_list_doc_files(p) if p.is_dir() else [p])
-        if not found:
-            return None
-        missing = [s for s in SPLITS if s not in found]
-        if missing:
-            raise DataError(
-                f"data.source: group folder {folder} is pre-split (has {sorted(found)}) but lacks {missing}; "
-                "provide train, val (or validation) and test, or none of them to split automatically"
-            )
-        return found
+    def _list_presplit(self, folder: Path) -> tuple[dict[str, _Listing], _Listing] | None:
+        """Per split, the files of a pre-split group folder, plus the entries outside the splits."""
+        entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+        named = {p: _split_of(p) for p in entries}
+        present = {s for s in named.values() if s is not None}
+        if not present or (present != set(SPLITS) and None in named.values()):
+            return None  # e.g. a code folder with src/ and test/: not a split layout
+        splits, outside = {s: _Listing() for s in SPLITS if s in present}, _Listing()
+        for p, split in named.items():
+            if split is None:
+                outside.skipped.append((p.name + ("/" if p.is_dir() else ""), _OUTSIDE_SPLITS))
+            elif p.is_dir():
+                _walk(p, folder, self.extensions, splits[split])
+            elif reason := _skip_reason(p, self.extensions):
+                splits[split].skipped.append((p.name, reason))
+            else:
+                splits[split].used.append(p)
+        return splits, outside
 
-    def _setup(self, group: str) -> None:
-        if group in self._files:
-            return
-        if group not in self.group_paths:
-            raise DataError(
-                f"groups: unknown group {group!r} for source 'local'; allowed: {self.available_groups()}"
-            )
+    def _scan(self, group: str) -> _Group:
+        """List one group's files and count its documents; problems go to `.error`, not raised."""
         path = self.group_paths[group]
+        listing = _Listing()
         if not path.exists():
-            raise DataError(f"data.source: group {group!r}: {path} does not exist")
-        presplit = self._presplit_files(path) if path.is_dir() else None
-        if presplit is not None:
-            files = {s: _DocFiles(presplit[s], self.text_field) for s in SPLITS}
-            for s, df in files.items():
-                if len(df) == 0:
-                    raise DataError(f"data.source: group {group!r} split {s!r} under {path} has no documents")
-            self._files[group] = files
-            return
-        if path.is_dir():
-            doc_files = _list_doc_files(path)
-            if not doc_files:
-                raise DataError(
-                    f"data.source: group {group!r}: folder {path} is empty (no {list(DOC_SUFFIXES)} files)"
-                )
-        elif path.suffix in DOC_SUFFIXES:
-            doc_files = [path]
-        else:
-            raise DataError(
-                f"data.source: group {group!r}: {path} is not a folder or one of {list(DOC_SUFFIXES)}"
+            return _Group(path, listing, error=f"{path} does not exist")
+        if path.is_file():
+            if reason := _skip_reason(path, self.extensions):
+                listing.skipped.append((path.name, reason))
+                return _Group(path, listing, error=f"file {path} skipped: {reason}")
+            listing.used.append(path)
+            return self._fill_counts(_Group(path, listing), {s: [path] for s in SPLITS}, carve=True)
+        presplit = self._list_presplit(path)
+        if presplit is None:
+            _walk(path, path, self.extensions, listing)
+            return self._fill_counts(_Group(path, listing), {s: listing.used for s in SPLITS}, carve=True)
+        splits, outside = presplit
+        for part in (*splits.values(), outside):
+            listing.used += part.used
+            listing.skipped += part.skipped
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            why = (
+                f"folder {path} is pre-split (has {sorted(splits)}) but lacks {missing}; provide train, "
+                "val (or validation) and test, or none of them to split automatically"
             )
-        df = _DocFiles(doc_files, self.text_field)
-        n = len(df)
-        if n == 0:
-            raise DataError(f"data.source: group {group!r} ({path}) has zero documents")
-        self._files[group] = {s: df for s in SPLITS}
-        self._masks[group] = self._carve(n)
+            return _Group(path, listing, error=why)
+        return self._fill_counts(_Group(path, listing), {s: splits[s].used for s in SPLITS}, carve=False)
+
+    def _fill_counts(self, g: _Group, split_files: dict[str, list[Path]], carve: bool) -> _Group:
+        """Documents per split (and the carve masks), or in `g.error` the reason there are none."""
+        n_files = len(g.listing.used) + len(g.listing.skipped)
+        if not g.listing.used:
+            if n_files == 0:
+                g.error = f"folder {g.path} is empty"
+            else:
+                s = "" if n_files == 1 else "s"
+                g.error = f"folder {g.path}: {n_files} file{s}, all skipped: {_summarize(g.listing.skipped)}"
+            return g
+        try:
+            if carve:  # one list for every split, counted once
+                df = _DocFiles(split_files["train"], self.text_field)
+                g.files = {s: df for s in SPLITS}
+                g.masks = self._carve(len(df))
+                g.sizes = {s: int(m.sum()) for s, m in g.masks.items()}
+            else:
+                g.files = {s: _DocFiles(split_files[s], self.text_field) for s in SPLITS}
+                g.sizes = {s: len(df) for s, df in g.files.items()}
+        except (DataError, OSError) as e:
+            g.error = str(e)
+            return g
+        empty = [s for s, n in g.sizes.items() if n == 0]
+        if sum(g.sizes.values()) == 0:
+            g.error = f"{g.path} has zero documents in its {len(g.listing.used)} file(s)"
+        elif empty and not carve:
+            g.error = f"split {empty[0]!r} under {g.path} has no documents"
+        return g
 
     def _carve(self, n: int) -> dict[str, np.ndarray]:
         n_val = int(round(n * self.val_fraction))
@@ -280,38 +422,99 @@ class LocalSource(GroupSource):
         masks["train"][perm[n_val + n_test :]] = True
         return masks
 
+    def _group(self, group: str) -> _Group:
+        """The scanned group (cached); DataError for an unknown name."""
+        if group not in self._groups:
+            if group not in self.group_paths:
+                raise DataError(
+                    f"groups: unknown group {group!r} for source 'local'; allowed: {self.available_groups()}"
+                )
+            self._groups[group] = self._scan(group)
+        return self._groups[group]
+
+    def _usable(self, group: str) -> _Group:
+        g = self._group(group)
+        if g.error is not None:
+            raise DataError(f"data.source: group {group!r}: {g.error}")
+        return g
+
+    # --- reports ------------------------------------------------------------------------------
+    def report(self, groups: list[str] | None = None) -> list[GroupReport]:
+        """Files used and skipped (with reasons) and documents per split of each group (default: all)."""
+        out = []
+        for name in self.available_groups() if groups is None else groups:
+            g = self._group(name)
+            docs = {} if g.error else dict(g.sizes)
+            files = [g.rel(p) for p in g.listing.used]
+            out.append(GroupReport(name, g.path, files, list(g.listing.skipped), docs, g.error))
+        return out
+
+    def validate(self, groups: list[str]) -> None:
+        """List and count every group (once; cached); one DataError naming all that cannot be used."""
+        self.check_groups(groups)
+        bad = [(name, err) for name in groups if (err := self._group(name).error) is not None]
+        if len(bad) == 1:
+            raise DataError(f"data.source: group {bad[0][0]!r}: {bad[0][1]}")
+        if bad:
+            listed = "; ".join(f"group {name!r}: {why}" for name, why in bad)
+            raise DataError(f"data.source: {len(bad)} groups cannot be used: {listed}")
+
     # --- GroupSource ----------------------------------------------------------------------------
     def available_groups(self) -> list[str]:
         return list(self.group_paths)
 
     def split_sizes(self, group: str) -> dict[str, int]:
         """Number of documents per split of one group."""
-        self._setup(group)
-        if group in self._masks:
-            return {s: int(m.sum()) for s, m in self._masks[group].items()}
-        return {s: len(df) for s, df in self._files[group].items()}
+        return dict(self._usable(group).sizes)
+
+    def num_documents(self, group: str, split: str) -> int | None:
+        return self.split_sizes(group)[split]
 
     def documents(self, group: str, split: str) -> Iterator[str]:
         if split not in SPLITS:
             raise DataError(f"split: must be one of {list(SPLITS)}, got {split!r}")
-        self._setup(group)
-        mask = self._masks.get(group, {}).get(split)
-        yield from self._files[group][split].iter_docs(mask)
+        g = self._usable(group)
+        yield from g.files[split].iter_docs(g.masks.get(split))
+
+    def group_fingerprint(self, group: str) -> dict:
+        """This group's files (relative names, content signatures) and split settings; not the root."""
+        g = self._group(group)
+        if g.fingerprint is None:
+            g.fingerprint = {
+                "source": self.name,
+                "group": group,
+                "text_field": self.text_field,
+                "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction,
+                "split_seed": self.split_seed,
+                "files": {g.rel(p): file_signature(p) for p in g.listing.used},
+                "error": g.error,
+            }
+        return g.fingerprint
 
     def fingerprint(self) -> dict:
-        groups = {}
-        for g, p in self.group_paths.items():
-            files = _list_doc_files(p) if p.is_dir() else [p]
-            groups[g] = {
-                # relative to root: moving or copying the data keeps the cache valid (content is hashed)
-                "path": os.path.relpath(p, self.root),
-                "files": {str(f.relative_to(p)) if p.is_dir() else f.name: file_signature(f) for f in files},
-            }
-        return {
-            "source": self.name,
-            "text_field": self.text_field,
-            "val_fraction": self.val_fraction,
-            "test_fraction": self.test_fraction,
-            "split_seed": self.split_seed,
-            "groups": groups,
-        }
+        return {"source": self.name, "groups": {g: self.group_fingerprint(g) for g in self.group_paths}}
+
+
+def format_report(
+    reports: list[GroupReport], stats: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None
+) -> str:
+    """A few short lines per group; `stats` (`PackedGroups.stats()`) adds the tokens per split."""
+    lines = []
+    for r in reports:
+        lines.append(f"[data] {r.group} ({r.path}): {len(r.files)} files used, {len(r.skipped)} skipped")
+        by_reason: dict[str, list[str]] = {}
+        for rel, reason in r.skipped:
+            by_reason.setdefault(reason, []).append(rel)
+        for reason, rels in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            more = f" and {len(rels) - 3} more" if len(rels) > 3 else ""
+            lines.append(f"[data]   skipped {len(rels)}: {reason} ({', '.join(rels[:3])}{more})")
+        if r.error:
+            lines.append(f"[data]   cannot be used: {r.error}")
+            continue
+        cells = []
+        for s, n in r.docs.items():
+            tokens = (stats or {}).get(r.group, {}).get(s, {}).get("tokens")
+            cells.append(f"{s} {n} docs" + ("" if tokens is None else f" {human_count(int(tokens))} tokens"))
+        lines.append("[data]   " + " | ".join(cells))
+    return "\n".join(lines)

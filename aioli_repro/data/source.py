@@ -47,6 +47,17 @@ class GroupSource(ABC):
     def fingerprint(self) -> dict:
         """Everything that determines the documents (paths, sizes, seeds, file stats). Keys the cache."""
 
+    def group_fingerprint(self, group: str) -> dict:
+        """Everything that determines one group's documents; keys that group's cache entry.
+
+        Override it so a group's cache does not depend on the others (LocalSource does); the default,
+        the whole source's fingerprint plus the group name, is always safe."""
+        return {"source_fingerprint": self.fingerprint(), "group": group}
+
+    def num_documents(self, group: str, split: str) -> int | None:
+        """Documents in one group/split if known without reading them (for progress bars), else None."""
+        return None
+
     def loss_floor(self, group: str, split: str) -> float | None:
         """Known lower bound on the per-token loss (nats) for this group/split, if the source knows it."""
         return None
@@ -59,3 +70,17 @@ class GroupSource(ABC):
                 raise DataError(f"groups: unknown group {g!r} for source {self.name!r}; allowed: {allowed}")
         if len(set(groups)) != len(groups):
             raise DataError(f"groups: duplicate group names in {groups}")
+
+    def validate(self, groups: list[str]) -> None:
+        """Check that every group can be packed, before anything is: one DataError naming all bad ones.
+
+        Cheap (no tokenising) and safe to call more than once; the default checks the names only."""
+        self.check_groups(groups)
+
+
+def human_count(n: int) -> str:
+    """1234 -> '1.2k', 1_900_000 -> '1.9M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
