@@ -10,7 +10,8 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -59,6 +60,39 @@ def _flat(d: object, prefix: str = "") -> dict[str, object]:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
+
+
+@dataclass
+class RunClock:
+    """Wall and training-loop time of a run over all its processes.
+
+    Every checkpoint carries the totals up to that point, so a resumed run adds its own time to what
+    the interrupted ones spent up to their last checkpoint (work redone after a resume is counted once).
+    """
+
+    start: float = field(default_factory=time.time)  # this process (before data preparation)
+    fit_start: float | None = None
+    fit_end: float | None = None
+    prior_wall_s: float = 0.0
+    prior_fit_s: float = 0.0
+    prior_processes: int = 0  # earlier processes whose time is included (0: never resumed)
+
+    def wall_s(self) -> float:
+        return self.prior_wall_s + time.time() - self.start
+
+    def fit_s(self) -> float:
+        if self.fit_start is None:
+            return self.prior_fit_s
+        return self.prior_fit_s + (self.fit_end or time.time()) - self.fit_start
+
+    def state(self) -> dict:
+        return {"wall_s": self.wall_s(), "fit_s": self.fit_s(), "processes": self.prior_processes + 1}
+
+    def load(self, state: dict | None) -> None:
+        if state:  # absent in checkpoints written before the clock was carried
+            self.prior_wall_s = float(state["wall_s"])
+            self.prior_fit_s = float(state["fit_s"])
+            self.prior_processes = int(state["processes"])
 
 
 @dataclass
@@ -140,6 +174,7 @@ class MixingLM(L.LightningModule):
         # what determines the run's results (set by run_training); a checkpoint from another config is refused
         self.run_identity: dict | None = None
         self.last_checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
+        self.clock = RunClock()  # run_training replaces it with one started before data preparation
 
     def configure_model(self) -> None:
         if self.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
@@ -252,6 +287,7 @@ class MixingLM(L.LightningModule):
             "rng": rng_state(),
             "metrics_offsets": self._metrics_offsets(),
             "identity": None if self.run_identity is None else json.dumps(self.run_identity, sort_keys=True),
+            "clock": self.clock.state(),
         }
         self.last_checkpoint_step = int(self.global_step)
 
@@ -268,6 +304,7 @@ class MixingLM(L.LightningModule):
         self._finished_step = int(state["finished_step"])
         set_rng_state(state["rng"])
         self._truncate_metrics(state.get("metrics_offsets") or {})
+        self.clock.load(state.get("clock"))
         self.last_checkpoint_step = int(checkpoint.get("global_step", -1))
 
     def _check_identity(self, saved: str | None) -> None:

@@ -223,13 +223,13 @@ def compose_job(overrides: Sequence[str]) -> DictConfig:
 
 
 def pipeline_dirs(table: str, cfg: DictConfig, results_dir: Path) -> list[Path]:
-    from aioli_repro.pipeline.stage import stage_hash
+    from aioli_repro.pipeline.stage import result_dir, stage_hash
 
     if table == "table3":
         from aioli_repro.restricted import pipeline_dirs as restricted_dirs
 
         return list(restricted_dirs(cfg, results_dir).values())
-    return [results_dir / f"{cfg.method.name}-pipeline-{stage_hash(cfg)}"]
+    return [result_dir(results_dir, cfg, "pipeline", stage_hash(cfg))]
 
 
 def plan(

@@ -39,9 +39,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.callback import trajectory_records
 from aioli_repro.config import ConfigError
 from aioli_repro.pipeline.recipes import RECIPES, Pipeline, _unique, _write_json, derive, static_mixer
-from aioli_repro.pipeline.stage import Stage, read_summary, stage_hash
+from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_hash
 
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")
 VARIANTS = {"base": "base", "+aioli": "aioli"}  # variant -> directory tag
@@ -131,8 +132,8 @@ def pipeline_key(cfg: DictConfig) -> str:
 
 def pipeline_dirs(cfg: DictConfig, results_dir: str | Path) -> dict[str, Path]:
     """{variant: pipeline directory} of the restricted pipelines for this (setting, method, seed)."""
-    name, key = cfg.method.name, pipeline_key(cfg)
-    return {v: Path(results_dir) / f"{name}-restricted-{tag}-pipeline-{key}" for v, tag in VARIANTS.items()}
+    key = pipeline_key(cfg)
+    return {v: result_dir(results_dir, cfg, f"restricted-{tag}-pipeline", key) for v, tag in VARIANTS.items()}
 
 
 # -- learning phase ------------------------------------------------------------------------------------
@@ -145,12 +146,13 @@ class _LearnOnly(Pipeline):
         return super().run(stage)
 
 
-def time_average(trajectory: list, max_steps: int, m: int) -> np.ndarray:
-    """Step-weighted mean of a [(step, p), ...] mixture trajectory over [0, max_steps)."""
-    if not trajectory:
+def time_average(records: list[dict], groups: list[str], max_steps: int) -> np.ndarray:
+    """Step-weighted mean over [0, max_steps) of a mixture trajectory (`callback.trajectory_records`)."""
+    m = len(groups)
+    if not records:
         return np.full(m, 1.0 / m)
-    steps = np.asarray([int(s) for s, _ in trajectory], dtype=np.float64)
-    ps = np.asarray([p for _, p in trajectory], dtype=np.float64)
+    steps = np.asarray([r["step"] for r in records], dtype=np.float64)
+    ps = np.asarray([[r["p"][g] for g in groups] for r in records], dtype=np.float64)
     ends = np.append(steps[1:], float(max_steps))
     w = np.clip(ends - steps, 0.0, None)
     p = ps[-1] if w.sum() <= 0 else (w[:, None] * ps).sum(axis=0) / w.sum()
@@ -167,13 +169,14 @@ def learn(
     fraction, _ = options(cfg)
     short = shortened(base_config(cfg), fraction)
     pipe = _LearnOnly(short, results_dir, log)
+    pipe.check()  # bad input fails here, before any stage folder exists
     final = RECIPES[name](pipe)
     groups = list(cfg.groups.names)
     learned = final.get("learned_proportions")
     if learned:
         p = np.asarray([learned[g] for g in groups], dtype=np.float64)
     else:  # Skill-It: the online run's time-averaged mixture
-        p = time_average(final.get("trajectory") or [], int(short.train.max_steps), len(groups))
+        p = time_average(trajectory_records(final), groups, int(short.train.max_steps))
     p = np.clip(p, 0.0, None)
     return p / p.sum(), final, pipe.done
 
@@ -261,11 +264,15 @@ def run_restricted(
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from aioli_repro.train import USER_ERRORS, user_error_exit
+    from hydra.core.hydra_config import HydraConfig
 
+    from aioli_repro.train import USER_ERRORS, default_layout, remove_if_unused, user_error_exit
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         out = run_restricted(cfg, Path(cfg.results_dir))
     except (*USER_ERRORS, ValueError) as e:
+        remove_if_unused(hydra_dir, parent_too=default_layout(hydra_dir, str(cfg.run_name)))  # no debris
         user_error_exit(e)
     for variant, (s, path) in out.items():
         print(

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from aioli_repro import wandb_offline
+from aioli_repro.callback import trajectory_records
 
 SOURCES = ("auto", "summary", "wandb", "online")
 KIND = "pipeline"  # config["kind"] that marks a pipeline run among the per-stage runs
@@ -82,22 +83,6 @@ def flat_metrics(summary: dict) -> dict[str, float]:
         if summary.get(k) is not None:
             out[k] = int(summary[k])
     return {k: v for k, v in out.items() if v is not None}
-
-
-def trajectory_records(summary: dict) -> list[dict]:
-    """A run's mixture trajectory as `{"step", "p": {group: value}, "probe"}` records, in step order.
-
-    Summaries written before trajectories carried group names hold `[step, [p...]]` pairs (no probe flag);
-    both shapes are read here, so nothing else needs to know about the old one."""
-    groups = list(summary["groups"])
-    out = []
-    for rec in summary.get("trajectory") or []:
-        if isinstance(rec, dict):
-            p, probe = dict(rec["p"]), bool(rec.get("probe", False))
-        else:
-            p, probe = dict(zip(groups, rec[1])), False
-        out.append({"step": int(rec["step"] if isinstance(rec, dict) else rec[0]), "p": p, "probe": probe})
-    return out
 
 
 def _trajectory_rows(summary: dict) -> list[tuple[int, dict[str, float]]]:

@@ -14,18 +14,24 @@ from omegaconf import DictConfig
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.recipes import run_method
-from aioli_repro.train import USER_ERRORS, format_summary, user_error_exit
+from aioli_repro.train import USER_ERRORS, default_layout, format_summary, remove_if_unused, user_error_exit
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     results_dir = Path(cfg.results_dir)
+    done = False
     try:
         summary, path = run_method(cfg, results_dir)
-    except USER_ERRORS as e:
+        done = True
+    except (*USER_ERRORS, ValueError) as e:  # bad method options surface as ValueError naming the field
         user_error_exit(e)
-    except ValueError as e:  # bad method options surface as ValueError naming the field
-        user_error_exit(e)
+    finally:  # Hydra's folder for this command (only `.hydra`) records a pipeline that ran; else no debris
+        if not done:
+            remove_if_unused(hydra_dir, parent_too=default_layout(hydra_dir, str(cfg.run_name)))
     print(format_summary(summary))
     print(
         f"stages: {len(summary['stages'])} ({summary['extra_runs']} extra runs), "

@@ -7,10 +7,15 @@ directory. `run_training(cfg, run_dir)` is the same thing callable in-process (p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import json
 import logging
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +24,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,7 +38,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from aioli_repro.callback import MixingCallback, RunInterrupted, StepBoundaryCheckpoint
+from aioli_repro.callback import MixingCallback, RunInterrupted, RunProgressBar, StepBoundaryCheckpoint
 from aioli_repro.config import ConfigError, validate_config
 from aioli_repro.data.cache import build_packed
 from aioli_repro.data.datamodule import MixtureDataModule
@@ -40,7 +46,7 @@ from aioli_repro.data.sampler import ProportionError
 from aioli_repro.data.source import DataError
 from aioli_repro.data.tokenizer import build_tokenizer
 from aioli_repro.evaluation import avg_ppl, group_perplexities, ppl_of_mean_loss
-from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig
+from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig, RunClock
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 from aioli_repro.model import ModelConfig, load_decoder_state
 from aioli_repro.pipeline.stage import stage_identity
@@ -242,10 +248,53 @@ def build(node: DictConfig, field: str) -> Any:
         raise
 
 
-def build_data(cfg: DictConfig) -> tuple[object, object]:
-    """Instantiate the source and tokenizer, check groups and vocab, return the packed cache."""
-    source = build(cfg.data.source, "data.source")
+@dataclass
+class Preflight:
+    """What `preflight` built and checked; `run_training` goes on from here."""
+
+    groups: list[str]
+    model_cfg: ModelConfig
+    method: MixingMethod  # already set up for this run
+    source: Any
+    tokenizer: Any
+    precision: str
+    init_checkpoint: str | None
+    plugins: list
+    requeue_signal: int | None
+
+
+def preflight(
+    cfg: DictConfig, method: MixingMethod | None = None, extras: dict | None = None, check_inputs: bool = True
+) -> Preflight:
+    """Every check that bad input can fail, before any folder is created or any work is done: the
+    config, the method's options against this run (constructed and set up), the data source's groups,
+    the tokenizer against the model, and (`check_inputs`) the files earlier stages produce; a pipeline
+    checks its plan before those exist."""
+    validate_config(cfg)
     groups = list(cfg.groups.names)
+    model_cfg: ModelConfig = build(cfg.model, "model")
+    method = method if method is not None else build(cfg.method.mixer, "method.mixer")
+    t = cfg.train
+    try:
+        ctx = MixingContext(groups, int(t.max_steps), int(t.batch_size), int(cfg.seed), dict(extras or {}))
+        method.setup(ctx)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    init_checkpoint = None
+    if check_inputs:
+        check_prerequisites(method)
+        init_checkpoint = check_init_checkpoint(extras)
+    plugins, requeue_signal = slurm_setup(cfg)
+    source, tokenizer = check_data(cfg, groups)
+    precision = resolve_precision(str(cfg.trainer.precision))
+    return Preflight(
+        groups, model_cfg, method, source, tokenizer, precision, init_checkpoint, plugins, requeue_signal
+    )
+
+
+def check_data(cfg: DictConfig, groups: list[str]) -> tuple[Any, Any]:
+    """Instantiate the source and tokenizer; check the groups and the vocabulary (no data is read)."""
+    source = build(cfg.data.source, "data.source")
     source.check_groups(groups)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -253,14 +302,25 @@ def build_data(cfg: DictConfig) -> tuple[object, object]:
             f"data.tokenizer: {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
             f"{cfg.model.vocab_size}; choose a larger model vocab or another tokenizer"
         )
+    return source, tokenizer
+
+
+def pack_data(cfg: DictConfig, source: Any, tokenizer: Any, groups: list[str]) -> Any:
+    """The packed-token cache for this run (built on first use)."""
     try:
-        packed = _build_packed(cfg, source, tokenizer, groups)
+        return _build_packed(cfg, source, tokenizer, groups)
     except DataError as e:
         if "rebuild_on_mismatch" not in str(e):
             raise
         plus = "" if "rebuild_on_mismatch" in cfg.data else "+"
         raise DataError(f"{e} (command line: {plus}data.rebuild_on_mismatch=true)") from None
-    return source, packed
+
+
+def build_data(cfg: DictConfig) -> tuple[object, object]:
+    """Instantiate the source and tokenizer, check groups and vocab, return the packed cache."""
+    groups = list(cfg.groups.names)
+    source, tokenizer = check_data(cfg, groups)
+    return source, pack_data(cfg, source, tokenizer, groups)
 
 
 def _build_packed(cfg: DictConfig, source: object, tokenizer: object, groups: list[str]) -> object:
@@ -299,16 +359,31 @@ def run_training(
     run_dir: str | Path,
     method: MixingMethod | None = None,
     extras: dict | None = None,
+    *,
+    checked: Preflight | None = None,
+    resume_hint: str | None = None,
+    callbacks: list[L.Callback] | None = None,
 ) -> dict:
     """Train one run as configured; return (and write) its summary.
 
     Resumes from `run_dir/checkpoints/last.ckpt` when it exists (bitwise on CPU); see docs/reliability.md.
+    `checked`: `preflight(cfg, method, extras)` when the caller already ran it (nothing is checked
+    twice); otherwise it runs here, before `run_dir` is created. `resume_hint`: what the message of an
+    interrupted run tells the user to do (default: run the same command again). `callbacks`: extra
+    Lightning callbacks, after the run's own (tests, instrumentation).
     """
-    validate_config(cfg)
+    clock = RunClock()
+    checked = checked if checked is not None else preflight(cfg, method, extras)
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_dir_lock(run_dir):
-        return _run_training(cfg, run_dir, method, extras)
+    try:
+        with _run_dir_lock(run_dir):
+            return _run_training(cfg, run_dir, checked, extras, clock, resume_hint, list(callbacks or []))
+    except BaseException:
+        if created:  # failed before writing anything (e.g. while reading the data): no empty folder
+            remove_if_unused(run_dir)
+        raise
 
 
 @contextmanager
@@ -326,38 +401,56 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
                 f"run directory {run_dir} is in use by another training process; wait for it to finish "
                 "or pick another directory (hydra.run.dir=...)"
             ) from None
+        write_pid(fh)
         try:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, extras: dict | None) -> dict:
-    t0 = time.time()
+def write_pid(fh: Any) -> None:
+    """Say in a lock file just acquired which process holds it (and never leave it empty)."""
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+
+
+def _run_dir_busy(run_dir: Path) -> bool:
+    """Is a training process holding `run_dir`'s lock right now?"""
+    lock = run_dir / ".train.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def _run_training(
+    cfg: DictConfig,
+    run_dir: Path,
+    checked: Preflight,
+    extras: dict | None,
+    clock: RunClock,
+    resume_hint: str | None,
+    extra_callbacks: list[L.Callback],
+) -> dict:
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    if resolve_precision(str(cfg.trainer.precision)).startswith("bf16"):
+    if checked.precision.startswith("bf16"):
         allow_tf32()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    groups = list(cfg.groups.names)
-    model_cfg: ModelConfig = build(cfg.model, "model")
-    method = method if method is not None else build(cfg.method.mixer, "method.mixer")
     t = cfg.train
-    # Validate the method's options against the run before any data is packed (setup runs again in fit).
-    try:
-        ctx = MixingContext(groups, int(t.max_steps), int(t.batch_size), int(cfg.seed), dict(extras or {}))
-        method.setup(ctx)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-    check_prerequisites(method)
-    init_checkpoint = check_init_checkpoint(extras)
-    plugins, requeue_signal = slurm_setup(cfg)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists():
         check_checkpoint_readable(last)
     for leftover in ckpt_dir.glob("*.tmp-*"):  # from a save killed half-way (never renamed into place)
         leftover.unlink(missing_ok=True)
-    _, packed = build_data(cfg)
+    packed = pack_data(cfg, checked.source, checked.tokenizer, checked.groups)
     dm = MixtureDataModule(
         packed,
         batch_size=t.batch_size,
@@ -366,51 +459,20 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         val_max_seqs=t.val_max_seqs,
         test_max_seqs=t.test_max_seqs,
     )
-    optim = OptimConfig(
-        lr=t.lr,
-        min_lr=t.min_lr,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-    )
-    module = MixingLM(
-        model_cfg,
-        groups,
-        max_steps=t.max_steps,
-        optim=optim,
-        eval_batch_size=t.eval_batch_size,
-        log_every=t.log_every,
-        compile=bool(t.get("compile", False)),
-    )
+    module = _build_module(cfg, checked)
     module.run_identity = run_identity(cfg, extras)
-    mixing = MixingCallback(method, extras=extras, val_every=int(t.val_every or 0))
+    module.clock = clock
+    mixing = MixingCallback(checked.method, extras=extras, val_every=int(t.val_every or 0), method_ready=True)
     # after the MixingCallback (it saves post-step state); Lightning moves ModelCheckpoint last
-    boundary = StepBoundaryCheckpoint(last if t.checkpoint_every else None, requeue_signal)
-    callbacks: list[L.Callback] = [mixing, boundary]
-    if t.checkpoint_every:
-        callbacks.append(
-            L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=ckpt_dir, every_n_train_steps=int(t.checkpoint_every), save_last=True, save_top_k=0
-            )
-        )
-    if cfg.get("progress", True):
-        refresh = int(cfg.get("progress_refresh", 20))
-        callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=refresh))
-
-    flat_cfg = OmegaConf.to_container(cfg, resolve=True)
-    loggers: list = [JsonlLogger(run_dir)]
-    wb = cfg.logger.wandb
-    wandb_logger = make_wandb_logger(run_dir, flat_cfg, wb.project, wb.mode, cfg.get("run_name"), wb.entity)
-    if wandb_logger is not None:
-        loggers.append(wandb_logger)
-
+    boundary = StepBoundaryCheckpoint(last if t.checkpoint_every else None, checked.requeue_signal)
+    loggers = _loggers(cfg, run_dir)
     trainer = L.Trainer(
         max_steps=t.max_steps,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=checked.precision,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=[*_callbacks(cfg, mixing, boundary, ckpt_dir), *extra_callbacks],
         log_every_n_steps=t.log_every,
         enable_checkpointing=bool(t.checkpoint_every),
         enable_progress_bar=bool(cfg.get("progress", True)),
@@ -419,21 +481,92 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         limit_val_batches=0,
         deterministic=bool(cfg.trainer.get("deterministic", False)),
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO(), *plugins],
+        plugins=[AtomicCheckpointIO(), *checked.plugins],
     )
     resumed_from = str(last) if last.exists() else None
-    if init_checkpoint and resumed_from is None:  # a resumed branch run has its own weights in last.ckpt
-        module.model.load_state_dict(load_decoder_state(init_checkpoint))
+    if checked.init_checkpoint and resumed_from is None:  # a resumed branch run has its weights in last.ckpt
+        module.model.load_state_dict(load_decoder_state(checked.init_checkpoint))
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
     _atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
-    t_fit = time.time()
+    _fit(trainer, module, dm, resumed_from, last, resume_hint)
+    # the final weights, for later stages (DoReMi's reference model)
+    trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
+    summary = _summary(cfg, extras, checked, trainer, module, mixing, dm, packed, resumed_from, run_dir)
+    _finish_loggers(loggers, summary)
+    _atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
+    return summary
+
+
+def _build_module(cfg: DictConfig, checked: Preflight) -> MixingLM:
+    t = cfg.train
+    optim = OptimConfig(
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+    )
+    return MixingLM(
+        checked.model_cfg,
+        checked.groups,
+        max_steps=t.max_steps,
+        optim=optim,
+        eval_batch_size=t.eval_batch_size,
+        log_every=t.log_every,
+        compile=bool(t.get("compile", False)),
+    )
+
+
+def _callbacks(
+    cfg: DictConfig, mixing: MixingCallback, boundary: StepBoundaryCheckpoint, ckpt_dir: Path
+) -> list[L.Callback]:
+    t = cfg.train
+    callbacks: list[L.Callback] = [mixing, boundary]
+    if t.checkpoint_every:
+        # no version counter: a last.ckpt written by StepBoundaryCheckpoint before the first periodic save
+        # is still the one to overwrite (Lightning would start a last-v1.ckpt, and a second resume would
+        # go back to the stale last.ckpt)
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=ckpt_dir,
+                every_n_train_steps=int(t.checkpoint_every),
+                save_last=True,
+                save_top_k=0,
+                enable_version_counter=False,
+            )
+        )
+    if cfg.get("progress", True):
+        callbacks.append(RunProgressBar(mixing, refresh_s=float(cfg.get("progress_refresh", 1.0))))
+    return callbacks
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers: list = [JsonlLogger(run_dir)]
+    wb = cfg.logger.wandb
+    flat_cfg = OmegaConf.to_container(cfg, resolve=True)
+    wandb_logger = make_wandb_logger(run_dir, flat_cfg, wb.project, wb.mode, cfg.get("run_name"), wb.entity)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def _fit(
+    trainer: L.Trainer,
+    module: MixingLM,
+    dm: MixtureDataModule,
+    resumed_from: str | None,
+    last: Path,
+    resume_hint: str | None,
+) -> None:
+    """trainer.fit, with a signal or a non-finite loss turned into the message the user needs."""
+    module.clock.fit_start = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     except SIGTERMException:
-        raise _interrupted(signal.SIGTERM, trainer, boundary, last) from None
+        raise _interrupted(signal.SIGTERM, trainer, last, resume_hint) from None
     except RunInterrupted as e:  # the requeue signal: checkpoint written at the step boundary
         requeued = requeue_slurm_job() if trainer.is_global_zero else False
-        raise _interrupted(e.signum, trainer, boundary, last, requeued) from None
+        raise _interrupted(e.signum, trainer, last, resume_hint, requeued) from None
     except NonFiniteLossError as e:
         kept = (
             f"; last good checkpoint: {last} (step {module.last_checkpoint_step})"
@@ -441,17 +574,39 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
             else "; no checkpoint was written before it"
         )
         raise NonFiniteLossError(f"{e}{kept}") from None
-    fit_s = time.time() - t_fit
-    # the final weights, for later stages (DoReMi's reference model)
-    trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
+    module.clock.fit_end = time.time()
 
+
+# What the timing fields of a summary cover (a resumed run is several processes).
+TIMING_NOTE = (
+    "wall_s (data preparation to summary), fit_s (training loop) and method_eval_s (the method's own "
+    "validation passes, part of fit_s) add up all processes of the run, an interrupted one up to its last "
+    "checkpoint; steps_per_s = steps / fit_s"
+)
+
+
+def _summary(
+    cfg: DictConfig,
+    extras: dict | None,
+    checked: Preflight,
+    trainer: L.Trainer,
+    module: MixingLM,
+    mixing: MixingCallback,
+    dm: MixtureDataModule,
+    packed: Any,
+    resumed_from: str | None,
+    run_dir: Path,
+) -> dict:
+    groups, method, t = checked.groups, checked.method, cfg.train
     val = module.evaluate("val")
     test = module.evaluate("test")
     step = int(trainer.global_step)
     tokens = step * t.batch_size * t.context_length
     learned = method.final_proportions()
-    summary = {
+    fit_s = module.clock.fit_s()
+    return {
         "setting": cfg.groups.get("label", "/".join(groups)),
+        "setting_key": cfg.groups.get("key"),
         "groups": groups,
         "method": cfg.method.name,
         "seed": int(cfg.seed),
@@ -470,19 +625,26 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         "loss_floor": {g: packed.loss_floor(g, "test") for g in groups},
         "final_proportions": dict(zip(groups, map(float, method.proportions()))),
         "learned_proportions": (None if learned is None else dict(zip(groups, map(float, learned)))),
-        "trajectory": mixing.trajectory,
+        # one record per change of the sampling proportions; probe: Aioli's LearnParams mixtures
+        "trajectory": mixing.summary_trajectory(),
         "val_history": mixing.val_history,
         # Aioli: one record per round (A, beta and its per-sweep standard error, P, p)
         "method_history": method.history() if callable(getattr(method, "history", None)) else None,
         "delivered_sequences": dict(zip(groups, map(int, dm.sampler.delivered))),
         "resumed_from": resumed_from,
-        "wall_s": time.time() - t0,
+        "processes": module.clock.prior_processes + 1,
+        "wall_s": module.clock.wall_s(),
         "fit_s": fit_s,
         "steps_per_s": (step / fit_s) if fit_s > 0 else None,
-        "method_eval_s": mixing.method_eval_s,  # this process's share of fit_s (not across a resume)
+        "method_eval_s": mixing.method_eval_s,
         "method_evals": mixing.method_evals,
+        "timing": TIMING_NOTE,
         "run_dir": str(run_dir),
     }
+
+
+def _finish_loggers(loggers: list, summary: dict) -> None:
+    step = summary["steps"]
     for logger in loggers:
         logger.log_metrics(
             {
@@ -495,6 +657,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
             },
             step=step,
         )
+    wandb_logger = next((lg for lg in loggers if not isinstance(lg, JsonlLogger)), None)
     if wandb_logger is not None:
         for k in ("test/avg_ppl", "val/avg_ppl", "test/ppl_of_mean_loss", "train_tokens", "total_tokens"):
             wandb_logger.experiment.summary[k] = summary[k]
@@ -504,21 +667,102 @@ def _run_training(cfg: DictConfig, run_dir: Path, method: MixingMethod | None, e
         wandb_logger.experiment.finish()
     for logger in loggers:
         logger.finalize("success")
-    _atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
-    return summary
 
 
 def _interrupted(
-    signum: int, trainer: L.Trainer, boundary: StepBoundaryCheckpoint, last: Path, requeued: bool = False
+    signum: int, trainer: L.Trainer, last: Path, resume_hint: str | None, requeued: bool = False
 ) -> RunInterrupted:
     """Say where a signal stopped the run and how it resumes; the exit status is 128 + signum."""
     step = int(trainer.global_step)
     saved = last if last.exists() else None
     name = signal.Signals(signum).name
-    where = f"checkpoint {saved}" if saved is not None else "no checkpoint (the run restarts from step 0)"
-    how = "the job was requeued" if requeued else "run the same command again to resume"
+    if saved is None:
+        where, how = "no checkpoint", "the same command starts it again from step 0"
+    else:
+        where = f"checkpoint {saved}"
+        how = "the job was requeued" if requeued else (resume_hint or "run the same command again to resume")
     print(f"[aioli_repro] {name}: stopped after step {step}; {where}; {how}", file=sys.stderr)
     return RunInterrupted(signum, step, saved, requeue=requeued)
+
+
+# -- run directories of `python -m aioli_repro.train` ---------------------------------------------------
+@dataclass
+class UnfinishedRun:
+    run_dir: Path
+    step: int
+
+
+_DATE_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")
+# what a run directory holds before the run writes anything: Hydra's record, the training lock
+UNUSED_RUN_FILES = frozenset({".hydra", ".train.lock"})
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (as the user typed outputs/...)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def default_layout(run_dir: Path, run_name: str) -> bool:
+    """Is `run_dir` `<root>/<date>/<time>-<run_name>` (conf/train.yaml's hydra.run.dir)?"""
+    time_dir = re.fullmatch(r"\d{2}-\d{2}-\d{2}-" + re.escape(run_name), run_dir.name)
+    return bool(time_dir and _DATE_DIR.fullmatch(run_dir.parent.name))
+
+
+def find_unfinished_run(cfg: DictConfig, fresh: Path, extras: dict | None = None) -> UnfinishedRun | None:
+    """The newest earlier run of the same command that did not finish: a directory
+    `<root>/<date>/<time>-<run_name>` beside `fresh` with `checkpoints/last.ckpt`, no `summary.json`, the
+    same run identity (read from the checkpoint, as a resume checks it) and no process training in it.
+
+    Candidates that cannot be resumed safely (another process trains in it, an unreadable checkpoint)
+    are named on stderr and left alone.
+    """
+    run_name = str(cfg.run_name)
+    want = json.loads(json.dumps(run_identity(cfg, extras), sort_keys=True, default=str))
+    for d in sorted(fresh.parent.parent.glob(f"*/*-{glob.escape(run_name)}"), reverse=True):
+        last = d / "checkpoints" / "last.ckpt"
+        if d == fresh or not default_layout(d, run_name) or not last.is_file():
+            continue
+        if (d / "summary.json").exists():
+            continue
+        head = _checkpoint_head(last)
+        if head is None or head[0] != want:
+            continue  # unreadable (said), or another config under the same name
+        if _run_dir_busy(d):
+            print(f"[aioli_repro] not resuming {_shown(d)}: another process trains in it", file=sys.stderr)
+            continue
+        return UnfinishedRun(d, head[1])
+    return None
+
+
+def _checkpoint_head(last: Path) -> tuple[dict | None, int] | None:
+    """(run identity, step) of a checkpoint, read without loading its tensors; None if unreadable."""
+    try:
+        check_checkpoint_readable(last)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        identity = ckpt["aioli_repro"]["identity"]
+        return (None if identity is None else json.loads(identity)), int(ckpt["global_step"])
+    except Exception as e:  # noqa: BLE001 - whatever the damage: say so and leave the run alone
+        print(f"[aioli_repro] not resuming {_shown(last)}: unreadable checkpoint ({e})", file=sys.stderr)
+        return None
+
+
+def remove_if_unused(
+    run_dir: Path, parent_too: bool = False, unused: frozenset[str] = UNUSED_RUN_FILES
+) -> None:
+    """Remove a run directory that holds nothing the run wrote (only names in `unused`: Hydra's
+    `.hydra`, the lock file), and with `parent_too` its parent (a date folder) if that is then empty."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(p.name not in unused for p in run_dir.iterdir()):
+        return
+    for p in run_dir.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # another process may have written there meanwhile
+        run_dir.rmdir()
+        if parent_too:
+            run_dir.parent.rmdir()
 
 
 def format_summary(summary: dict) -> str:
@@ -549,15 +793,62 @@ def user_error_exit(e: Exception) -> None:
     sys.exit(2)
 
 
+def _explicit_run_dir(hc: Any) -> str | None:
+    """The `hydra.run.dir=...` given on the command line, if any."""
+    given = [o.split("=", 1) for o in hc.overrides.hydra]
+    values = [kv[1] for kv in given if len(kv) == 2 and kv[0].lstrip("+") == "hydra.run.dir"]
+    return values[-1] if values else None
+
+
+def _same_command_finds(hc: Any, fresh: Path, run_name: str) -> bool:
+    """Does running this command again land in the same run directory (directly, or by the lookup)?"""
+    from hydra.types import RunMode
+
+    if hc.mode != RunMode.RUN:
+        return False  # a multirun job's folder is under a new sweep folder every time
+    explicit = _explicit_run_dir(hc)
+    if explicit is not None:
+        return "${" not in explicit  # e.g. ${now:...}: a new folder every time
+    return default_layout(fresh, run_name)
+
+
+def resume_hint(hc: Any, fresh: Path, run_dir: Path, run_name: str) -> str:
+    """The interruption message's advice: the same command if it finds `run_dir` again, else the exact
+    command that does."""
+    if _same_command_finds(hc, fresh, run_name):
+        return f"run the same command again to resume it (in {_shown(run_dir)})"
+    args = [*hc.overrides.task, f"hydra.run.dir={run_dir}"]
+    return f"resume with: python -m aioli_repro.train {shlex.join(args)}"
+
+
+def _resume_target(cfg: DictConfig, hc: Any, fresh: Path) -> Path:
+    """Where this command trains: an unfinished earlier run of the same command, or Hydra's new folder."""
+    run_name = str(cfg.run_name)
+    if _explicit_run_dir(hc) is not None or not _same_command_finds(hc, fresh, run_name):
+        return fresh  # an explicit run dir resumes by itself (run_training finds its checkpoint)
+    found = find_unfinished_run(cfg, fresh)
+    if found is None:
+        return fresh
+    print(f"[aioli_repro] resuming {_shown(found.run_dir)} from step {found.step}", file=sys.stderr)
+    remove_if_unused(fresh, parent_too=True)
+    return found.run_dir
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    fresh = Path(hc.runtime.output_dir)
     try:
-        summary = run_training(cfg, run_dir)
+        checked = preflight(cfg)
+        run_dir = _resume_target(cfg, hc, fresh)
+        hint = resume_hint(hc, fresh, run_dir, str(cfg.run_name))
+        summary = run_training(cfg, run_dir, checked=checked, resume_hint=hint)
     except USER_ERRORS as e:
         user_error_exit(e)
+    finally:  # a run that failed before writing anything leaves no folder behind
+        remove_if_unused(fresh, parent_too=default_layout(fresh, str(cfg.run_name)))
     print(format_summary(summary))
     print(f"summary: {run_dir / 'summary.json'}")
 

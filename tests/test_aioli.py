@@ -438,9 +438,10 @@ def test_tiny_end_to_end_run(make_cfg, tmp_path):
         np.testing.assert_allclose(h["P"], Q)  # exact probes: 5 + 3 sequences in every batch
         assert np.all(np.isfinite(h["A"])) and np.isclose(np.sum(h["A"]), 1.0)
     # trajectory: probe 1, probe 2, exploitation p, then the same for round 1
-    steps = [step for step, _ in s["trajectory"]]
+    steps = [r["step"] for r in s["trajectory"]]
     assert steps[:3] == [0, 2, 4] and 12 in steps and 16 in steps
-    assert np.allclose(dict(s["trajectory"])[4], hist[0]["p"])
+    at4 = next(r for r in s["trajectory"] if r["step"] == 4)
+    assert np.allclose(list(at4["p"].values()), hist[0]["p"]) and not at4["probe"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("aioli/A/0_1" in r for r in rows) == 2
 

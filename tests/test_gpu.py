@@ -42,5 +42,5 @@ def test_compiled_run_matches_eager(make_cfg, tmp_path):
 def test_aioli_run_on_gpu(make_cfg, tmp_path):
     s = _run(make_cfg, tmp_path, "method=aioli", "train.max_steps=100")
     assert s["method_evals"] > 0
-    p = s["trajectory"][-1][1]
+    p = list(s["trajectory"][-1]["p"].values())
     assert abs(sum(p) - 1) < 1e-6 and min(p) > 0

@@ -194,9 +194,17 @@ def test_restricted_options_shortening_and_checks() -> None:
 
 
 def test_time_average_of_a_trajectory() -> None:
-    traj = [(0, [0.5, 0.5]), (10, [1.0, 0.0])]
-    np.testing.assert_allclose(restricted.time_average(traj, 40, 2), [0.875, 0.125])
-    np.testing.assert_allclose(restricted.time_average([], 40, 2), [0.5, 0.5])
+    from aioli_repro.callback import trajectory_records
+
+    groups = ["a", "b"]
+    old = trajectory_records({"groups": groups, "trajectory": [(0, [0.5, 0.5]), (10, [1.0, 0.0])]})
+    np.testing.assert_allclose(restricted.time_average(old, groups, 40), [0.875, 0.125])
+    new = [{"step": 0, "p": {"a": 0.5, "b": 0.5}, "probe": False}, {"step": 30, "p": {"a": 0.0, "b": 1.0}}]
+    np.testing.assert_allclose(
+        restricted.time_average(trajectory_records({"groups": groups, "trajectory": new}), groups, 40),
+        [0.375, 0.625],
+    )
+    np.testing.assert_allclose(restricted.time_average([], groups, 40), [0.5, 0.5])
 
 
 # -- the driver, end to end ------------------------------------------------------------------------
@@ -272,9 +280,8 @@ def test_driver_table3_end_to_end(micro_runs: Path, capsys: pytest.CaptureFixtur
     assert plus["restricted"]["prior_steps"] == 10 and plus["restricted"]["learn_steps"] == 10
     # the shortened sweep runs are 10 steps; the full-length base run is the Table 2 sweep run at that point
     if (out / "table2_runs.json").exists():
-        assert any(
-            s["reused"] for s in base["stages"] if "sweep-sweep" in s["dir"] and s["dir"] == base["run_dir"]
-        )
+        sweep_runs = [s for s in base["stages"] if Path(s["dir"]).name.startswith("sweep-a_se-sweep")]
+        assert any(s["reused"] for s in sweep_runs if s["dir"] == base["run_dir"])
     assert plus["final_proportions"] and plus["steps"] == 20
     md = (out / "table3.md").read_text()
     gs = next(line for line in md.splitlines() if line.startswith("| GS "))
@@ -304,7 +311,7 @@ def test_parallel_workers_start_a_reusing_method_after_its_prerequisite(
     assert order.index("A/SE aioli seed 0") < order.index("A/SE doremi seed 0")
     doremi = next(line for line in log.splitlines() if "A/SE doremi seed 0: done" in line)
     assert "(2 stages trained, 1 reused;" in doremi  # proxy + final; the reference is stratified's run
-    assert len(list(runs.glob("stratified-run-*/summary.json"))) == 1
+    assert len(list(runs.glob("stratified-a_se-run-*/summary.json"))) == 1
 
 
 # -- notebooks ---------------------------------------------------------------------------------------

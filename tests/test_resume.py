@@ -378,6 +378,130 @@ def test_pipeline_never_redoes_a_finished_stage_and_distrusts_a_torn_summary(cac
     assert json.loads(path.read_text())["test/avg_ppl"] == first["test/avg_ppl"]
 
 
+# -- the same train command again resumes; progress and timing cover the whole run ------------------------
+def test_same_train_command_again_resumes_the_unfinished_run(
+    cache_dir, tmp_path, stratified_baseline, capsys
+):
+    """`python -m aioli_repro.train ...` interrupted (SIGTERM) in Hydra's default folder, then the same
+    command again: it finds the unfinished run, resumes it there from the saved step, and finishes
+    with the uninterrupted run's numbers; its own new folder is removed."""
+    ref, ref_dir = stratified_baseline
+    cfg = compose_cfg(cache_dir, *STRATIFIED)
+    old = tmp_path / "outputs" / "2000-01-01" / f"00-00-00-{cfg.run_name}"  # an earlier day
+    with pytest.raises(RunInterrupted) as exc:
+        run_training(cfg, old, callbacks=[Interrupt(9, signal.SIGTERM)])  # lands in step 10
+    assert exc.value.step == 10 and "run the same command again" in capsys.readouterr().err
+    clock = torch.load(old / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    clock = clock["aioli_repro"]["clock"]
+    r = subprocess.run(
+        [sys.executable, "-m", "aioli_repro.train", *BASE, f"cache_dir={cache_dir}", *STRATIFIED],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming outputs/2000-01-01/00-00-00-{cfg.run_name} from step 10" in r.stderr, r.stderr[-3000:]
+    assert list((tmp_path / "outputs").glob("*/*")) == [old]
+    assert len(list((tmp_path / "outputs").iterdir())) == 1  # today's (empty) date folder went too
+    s = json.loads((old / "summary.json").read_text())
+    assert s["resumed_from"] == str(old / "checkpoints" / "last.ckpt")
+    assert_same_results(ref, s)
+    assert metrics_rows(old) == metrics_rows(ref_dir)
+    assert s["processes"] == 2 and s["wall_s"] > clock["wall_s"] and s["fit_s"] > clock["fit_s"]
+    assert not list(tmp_path.rglob("*.log"))  # no (empty) Hydra job log
+
+
+def test_resume_hint_is_the_truth():
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from aioli_repro.train import resume_hint
+
+    def hc(mode: RunMode, hydra: list[str]) -> SimpleNamespace:
+        overrides = SimpleNamespace(hydra=hydra, task=["method=aioli", "seed=1"])
+        return SimpleNamespace(mode=mode, overrides=overrides)
+
+    default = Path("/x/outputs/2024-05-01/10-11-12-aioli-a_se-s1")
+    assert resume_hint(hc(RunMode.RUN, []), default, default, "aioli-a_se-s1").startswith(
+        "run the same command again"
+    )
+    explicit = Path("/x/mine")
+    assert "same command" in resume_hint(hc(RunMode.RUN, ["hydra.run.dir=/x/mine"]), explicit, explicit, "n")
+    # a multirun job, or a run dir named by time: the same command would start elsewhere
+    sweep = Path("/x/multirun/2024-05-01/10-11-12/0-aioli-a_se-s1")
+    for h in (hc(RunMode.MULTIRUN, []), hc(RunMode.RUN, ["hydra.run.dir=/x/${now:%H}"])):
+        hint = resume_hint(h, sweep, sweep, "aioli-a_se-s1")
+        assert hint == f"resume with: python -m aioli_repro.train method=aioli seed=1 hydra.run.dir={sweep}"
+
+
+class _BarProbe(L.Callback):
+    """Records the training progress bar (total, initial, n, postfix) after every step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int | None, int, int, str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen.append((trainer.global_step, bar.total, bar.initial, bar.n, str(bar.postfix)))
+
+
+def test_progress_and_timing_cover_the_whole_run_after_a_resume(cache_dir, tmp_path, aioli_baseline):
+    ref, _ = aioli_baseline
+    cfg = compose_cfg(cache_dir, *AIOLI, "progress=true")
+    with pytest.raises(RunInterrupted):  # saved at step 3, before the first periodic checkpoint (4)
+        run_training(cfg, tmp_path, callbacks=[Interrupt(2, signal.SIGTERM)])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    clock = ckpt["aioli_repro"]["clock"]
+    probe = _BarProbe()
+    s = run_training(cfg, tmp_path, callbacks=[probe])
+    assert_same_results(ref, s)
+    # the periodic saves after the resume replace that last.ckpt (no last-v1.ckpt beside a stale one)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("last*")] == ["last.ckpt"]
+    assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 24
+    first, last = probe.seen[0], probe.seen[-1]
+    assert first[1:3] == (24, 3)  # the whole run's total; the rate counts this process's steps
+    assert last[0] == last[3] == 24
+    # the trained mixture of round 1 (step 18: after its two probe intervals), not a probe
+    p = s["trajectory"][-1]["p"]
+    assert f"p={p['arxiv']:.2f}/{p['stackexchange']:.2f}" in last[4] and "probe" not in last[4]
+    assert s["processes"] == 2 and s["wall_s"] > clock["wall_s"] and s["fit_s"] > clock["fit_s"]
+    assert s["steps_per_s"] == 24 / s["fit_s"] and "all processes" in s["timing"]
+    # the method's own evaluations are counted over the whole run, as in an uninterrupted one
+    assert s["method_evals"] == ref["method_evals"] == 6 and 0 < s["method_eval_s"] < s["fit_s"]
+
+
+def test_aioli_trajectory_names_groups_and_flags_probes(aioli_baseline):
+    s, _ = aioli_baseline
+    # rounds of 12 steps: probe intervals [0, 3) and [3, 6), then the trained mixture until 12
+    steps = [(r["step"], r["probe"]) for r in s["trajectory"]]
+    assert steps == [(0, True), (3, True), (6, False), (12, True), (15, True), (18, False)]
+    assert all(list(r["p"]) == ["arxiv", "stackexchange"] for r in s["trajectory"])
+    assert {r["p"]["arxiv"] for r in s["trajectory"] if r["probe"]} == {0.375, 0.625}  # q_j, f = 0.625
+    trained = [r["p"] for r in s["trajectory"] if not r["probe"]]
+    assert [h["p"] for h in s["method_history"]] == [[p["arxiv"], p["stackexchange"]] for p in trained]
+    assert s["setting_key"] == "a_se"
+
+
+def test_callback_state_of_earlier_checkpoints_still_loads():
+    from aioli_repro.callback import STATE_VERSION, MixingCallback
+    from aioli_repro.mixing.base import MixingContext
+    from aioli_repro.mixing.static import Stratified
+
+    old = {
+        "method": {"p": [0.5, 0.5]},
+        "trajectory": [(0, [0.5, 0.5])],
+        "val_history": [],
+        "last_p": [0.5, 0.5],
+    }
+    method = Stratified()
+    method.setup(MixingContext(["a", "b"], max_steps=10, batch_size=2, seed=0))
+    cb = MixingCallback(method, method_ready=True)
+    cb.load_state_dict(old)  # version 1: no probe flags, no evaluation time
+    assert cb.trajectory == [(0, [0.5, 0.5], False)] and cb.method_evals == 0
+    state = cb.state_dict()
+    assert state["version"] == STATE_VERSION == 2 and state["trajectory"] == [[0, [0.5, 0.5], False]]
+
+
 # -- slow: the kill matrix with real signals, in subprocesses of the CLI --------------------------------
 KILL_WRAPPER = """
 import os, runpy, signal, sys
@@ -526,9 +650,9 @@ def _kill_when(proc: subprocess.Popen, results: Path, pattern: str, step: int, s
 
 
 PIPELINE_KILLS = [
-    ("aioli", "aioli-run-*", 7, signal.SIGKILL),
-    ("aioli", "aioli-run-*", 23, signal.SIGTERM),
-    ("doremi", "doremi-proxy-*", 12, signal.SIGKILL),
+    ("aioli", "aioli-a_se-run-*", 7, signal.SIGKILL),
+    ("aioli", "aioli-a_se-run-*", 23, signal.SIGTERM),
+    ("doremi", "doremi-a_se-proxy-*", 12, signal.SIGKILL),
 ]
 
 
@@ -574,7 +698,7 @@ def test_two_sweeps_share_cache_and_results_without_corruption(tmp_path):
     assert sum(o.count("training in") for o, _ in outs) == 1  # the stage lock: trained once
     assert sum(o.count("already done") for o, _ in outs) == 1
     (summary,) = list(results.glob("stratified-pipeline-*/summary.json"))
-    (stage,) = [p for p in results.glob("stratified-run-*") if p.is_dir()]
+    (stage,) = [p for p in results.glob("stratified-a_se-run-*") if p.is_dir()]
     final = json.loads(summary.read_text())
     assert final["test/avg_ppl"] == json.loads((stage / "summary.json").read_text())["test/avg_ppl"]
     from aioli_repro.data.cache import load_packed

@@ -36,7 +36,9 @@ def test_stratified_run_end_to_end(make_cfg, tmp_path):
     assert math.isclose(
         s["test/ppl_of_mean_loss"], math.exp(np.mean([s["test_loss"][g] for g in groups])), rel_tol=1e-9
     )
-    assert s["trajectory"] == [[0, [0.5, 0.5]]] or s["trajectory"] == [(0, [0.5, 0.5])]
+    assert s["trajectory"] == [{"step": 0, "p": {"arxiv": 0.5, "stackexchange": 0.5}, "probe": False}]
+    assert s["setting"] == "A/SE" and s["setting_key"] == "a_se"
+    assert s["processes"] == 1 and 0 < s["fit_s"] < s["wall_s"] and s["steps_per_s"] == 60 / s["fit_s"]
     assert sum(s["delivered_sequences"].values()) == 60 * 8
     assert [h[0] for h in s["val_history"]] == [0, 20, 40]
     # val improves over the run

@@ -313,6 +313,9 @@ class Aioli(MixingMethod):
         phase, _, _ = self._locate(self._step)
         return self.probe_composition if phase == "probe" else "multinomial"
 
+    def is_probe(self) -> bool:
+        return self._locate(self._step)[0] == "probe"
+
     # -- requests and observations ----------------------------------------------------------------
     def needs_validation(self, step: int) -> bool:
         self._step = max(self._step, int(step))

@@ -8,6 +8,7 @@ Lightning's one training loop:
     setup(ctx)                                    once, before training
     [needs_validation(step) -> on_validation()]   the callback evaluates per-group val loss on request
     proportions(), composition()                  used by the sampler for the next batch
+    is_probe()                                    whether those proportions are a probe (Aioli)
     training_loss(batch, token_loss, module)      inside the training step (loss reweighting, DoGE)
     on_step_end(step, stats)                      after every optimizer step, with per-group train losses
 
@@ -86,6 +87,13 @@ class MixingMethod:
     def composition(self) -> str:
         """Batch composition for the next step: "multinomial" (paper) or "exact" (largest remainder)."""
         return "multinomial"
+
+    def is_probe(self) -> bool:
+        """Are the current `proportions()` a probe (a mixture trained on to measure, not the method's choice)?
+
+        Aioli's LearnParams steps are; summaries and the console separate them from the trained mixture.
+        """
+        return False
 
     # -- requests and observations ----------------------------------------------------------------
     def needs_validation(self, step: int) -> bool:

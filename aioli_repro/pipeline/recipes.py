@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from aioli_repro.pipeline.stage import Stage, read_summary, stage_hash, stage_lock
-from aioli_repro.train import run_training
+from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_hash, stage_lock
+from aioli_repro.train import UNUSED_RUN_FILES, Preflight, preflight, remove_if_unused, run_training
 
 
 def derive(cfg: DictConfig, name: str, mixer: dict, **train: object) -> DictConfig:
@@ -43,6 +43,8 @@ def static_mixer(p: np.ndarray | list[float]) -> dict:
 
 
 STRATIFIED = {"_target_": "aioli_repro.mixing.static.Stratified"}
+# a stage folder before its run wrote anything: the stage lock and record, the training lock
+_UNUSED_STAGE_FILES = UNUSED_RUN_FILES | {".lock", "stage.json"}
 
 
 class Pipeline:
@@ -59,15 +61,13 @@ class Pipeline:
         summary = read_summary(d)
         reused = summary is not None
         if summary is None:
+            # everything bad input can fail, before the stage's folder exists or "training in" is said
+            checked = preflight(stage.cfg, extras=stage.extras)
             with stage_lock(d):
                 summary = read_summary(d)  # another process may have finished it meanwhile
                 reused = summary is not None
                 if summary is None:
-                    self.log(f"[pipeline] stage {stage.name}: training in {d}")
-                    _write_json(
-                        d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras}
-                    )
-                    summary = run_training(stage.cfg, d, extras=stage.extras)
+                    summary = self._train(stage, d, checked)
         if reused:
             self.log(f"[pipeline] stage {stage.name}: already done ({d})")
         self.done.append(
@@ -79,6 +79,31 @@ class Pipeline:
             }
         )
         return summary
+
+    def _train(self, stage: Stage, d: Path, checked: Preflight) -> dict:
+        self.log(f"[pipeline] stage {stage.name}: training in {d}")
+        _write_json(d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras})
+        try:
+            return run_training(stage.cfg, d, extras=stage.extras, checked=checked)
+        except BaseException:  # failed before training wrote anything (e.g. reading the data): no folder
+            remove_if_unused(d, unused=_UNUSED_STAGE_FILES)
+            raise
+
+    def check(self) -> None:
+        """Fail before the first stage on what would fail a later one: the config, the data, and the
+        method's own options, set up for the stage that runs them (inputs from earlier stages, such as
+        Skill-It's graph or DoReMi's reference, are stood in for: they do not exist yet)."""
+        name = self.cfg.method.name
+        m = len(self.cfg.groups.names)
+        if name in ("doremi", "doge"):
+            cfg, extras = self._proxy_cfg(name), {"reference_checkpoint": "(the reference stage)"}
+        elif name == "skillit":
+            cfg, extras = self.cfg, {"skills_graph": np.ones((m, m)).tolist()}
+        elif RECIPES.get(name) is Pipeline.single:
+            cfg, extras = self.cfg, {}
+        else:  # sweeps and analyses: their stages are static runs the recipe configures
+            cfg, extras = derive(self.cfg, "stratified", STRATIFIED), {}
+        preflight(cfg, extras=extras, check_inputs=False)
 
     # -- recipes --------------------------------------------------------------------------------
     def single(self) -> dict:
@@ -306,6 +331,7 @@ def run_method(
     if name not in RECIPES:
         raise ValueError(f"method: unknown method {name!r}; allowed: {sorted(RECIPES)}")
     pipe = Pipeline(cfg, results_dir, log)
+    pipe.check()
     final = RECIPES[name](pipe)
     summary = {
         **final,
@@ -316,7 +342,7 @@ def run_method(
         "extra_runs": len(_unique(pipe.done)) - (0 if name in ("grid", "headroom", "dynamic_law") else 1),
         "final_run_dir": final["run_dir"],
     }
-    out = Path(results_dir) / f"{name}-pipeline-{stage_hash(cfg)}" / "summary.json"
+    out = result_dir(results_dir, cfg, "pipeline", stage_hash(cfg)) / "summary.json"
     _write_json(out, summary)
     # one small W&B run per pipeline, so tables can be rebuilt from W&B logs alone
     from aioli_repro.results import log_pipeline_run

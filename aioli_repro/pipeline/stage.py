@@ -1,6 +1,8 @@
 """A pipeline stage: one training run, identified by a hash of the config that produces it.
 
-Stage outputs live in `<results_dir>/<name>-<hash>/`. `summary.json` is written last (atomically),
+Stage outputs live in `<results_dir>/<method>-<setting key>-<stage>-<hash>/` (e.g.
+`aioli-a_se-run-0123456789ab`; results written before the setting key was added, `<method>-<stage>-
+<hash>/`, are still found and reused). `summary.json` is written last (atomically),
 so its presence means the stage finished; a directory without it is an interrupted stage that
 resumes from its last checkpoint. Two stages with the same training config share one directory,
 which is how the DoReMi reference *is* the stratified baseline and DML reuses grid search's sweep.
@@ -11,6 +13,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,8 +59,23 @@ class Stage:
     inputs: list[str] = field(default_factory=list)  # directories of the stages this one consumed
 
     def directory(self, results_dir: Path) -> Path:
-        label = self.cfg.method.name
-        return Path(results_dir) / f"{label}-{self.name}-{stage_hash(self.cfg, self.extras)}"
+        return result_dir(results_dir, self.cfg, self.name, stage_hash(self.cfg, self.extras))
+
+
+def result_dir(results_dir: str | Path, cfg: DictConfig, part: str, h: str) -> Path:
+    """`<method>-<setting key>-<part>-<hash>` (the setting key says which data the results are from), or
+    the same folder in the earlier naming, `<method>-<part>-<hash>`, where one exists already."""
+    label = cfg.method.name
+    legacy = Path(results_dir) / f"{label}-{part}-{h}"
+    key = OmegaConf.select(cfg, "groups.key", default=None)
+    if key is None or legacy.is_dir():
+        return legacy
+    return Path(results_dir) / f"{label}-{_safe(str(key))}-{part}-{h}"
+
+
+def _safe(part: str) -> str:
+    """A folder-name part: anything but letters, digits, `_`, `.` and `+` becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_.+]", "_", part) or "_"
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -74,8 +93,12 @@ def read_summary(run_dir: Path) -> dict | None:
 def stage_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive lock on a stage directory so two sweeps never train the same stage at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as fh:
+    with open(run_dir / ".lock", "a+") as fh:  # "a+": a waiting process leaves the holder's pid alone
         fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")  # which process holds it (and no empty file)
+        fh.flush()
         try:
             yield
         finally:
