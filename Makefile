@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow lint format bench clean-cache help
+.PHONY: setup run test test-slow lint format bench clean-cache help compare
 
 help:
 	@echo "make setup      create .venv (torch pinned to the local CPU wheel via constraints.txt)"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-slow  the slow end-to-end tests"
 	@echo "make lint       ruff"
 	@echo "make bench      throughput benchmark -> results/bench.json, docs/benchmarks.md"
+	@echo "make compare RESULTS=DIR   tables and plots of every finished run under DIR (default results/runs)"
 	@echo "make headroom / reproduce-table2 / reproduce-table3 SCALE=tiny|smoke|paper   the paper's tables"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -46,6 +47,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m aioli_repro.bench $(ARGS)
+
+# Compare methods on any finished runs (your own data included): RESULTS/compare/compare.{md,csv,png}, plots
+RESULTS ?= results/runs
+compare: $(STAMP)
+	$(PY) -m aioli_repro.compare $(RESULTS) $(ARGS)
 
 clean-cache:
 	rm -rf .cache/aioli
