@@ -728,7 +728,7 @@ def headroom_runs(results_dir: Path, scale_name: str):
     from aioli_repro.headroom import best_static, load_grid
     from aioli_repro.results import load_runs
 
-    if not any(results_dir.glob("headroom-pipeline-*/summary.json")):
+    if not any(results_dir.glob("headroom-*pipeline-*/summary.json")):
         return None
     runs = load_runs(results_dir, source="summary")
     mine = runs[runs["method"].isin(["headroom", "stratified"]) & (runs["scale"] == scale_name)]

@@ -22,7 +22,7 @@ the paper or the code, so every stage of the method is shortened alike):
 
 Stages are shared by config hash as everywhere else: the grid base run *is* the Table 2 sweep run at
 that point, and re-running skips every finished stage. Each variant writes a pipeline summary
-`<results_dir>/<method>-restricted-<base|aioli>-pipeline-<hash>/summary.json` with `variant`
+`<results_dir>/<method>-<setting key>-restricted-<base|aioli>-pipeline-<hash>/summary.json` with `variant`
 ("base" | "+aioli") and `base_method`, which `tables.build_table3` reads, plus a W&B pipeline run.
 """
 

@@ -14,7 +14,15 @@ from omegaconf import DictConfig
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.recipes import run_method
-from aioli_repro.train import USER_ERRORS, default_layout, format_summary, remove_if_unused, user_error_exit
+from aioli_repro.train import (
+    USER_ERRORS,
+    build,
+    default_layout,
+    format_summary,
+    remove_if_unused,
+    report_data,
+    user_error_exit,
+)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -25,6 +33,8 @@ def main(cfg: DictConfig) -> None:
     results_dir = Path(cfg.results_dir)
     done = False
     try:
+        source = build(cfg.data.source, "data.source")
+        report_data(source, list(cfg.groups.names), bool(cfg.get("progress", True)))
         summary, path = run_method(cfg, results_dir)
         done = True
     except (*USER_ERRORS, ValueError) as e:  # bad method options surface as ValueError naming the field

@@ -295,7 +295,7 @@ def preflight(
 def check_data(cfg: DictConfig, groups: list[str]) -> tuple[Any, Any]:
     """Instantiate the source and tokenizer; check the groups and the vocabulary (no data is read)."""
     source = build(cfg.data.source, "data.source")
-    source.check_groups(groups)
+    source.validate(groups)  # every group listed and counted (data=local): one error naming all bad ones
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -303,6 +303,14 @@ def check_data(cfg: DictConfig, groups: list[str]) -> tuple[Any, Any]:
             f"{cfg.model.vocab_size}; choose a larger model vocab or another tokenizer"
         )
     return source, tokenizer
+
+
+def report_data(source: Any, groups: list[str], progress: bool = True) -> None:
+    """Own folders (data=local): the files each group uses and skips, and why, once per command."""
+    if progress and callable(getattr(source, "report", None)):
+        from aioli_repro.data.local import format_report
+
+        print(format_report(source.report(groups)), file=sys.stderr)
 
 
 def pack_data(cfg: DictConfig, source: Any, tokenizer: Any, groups: list[str]) -> Any:
@@ -842,6 +850,7 @@ def main(cfg: DictConfig) -> None:
     fresh = Path(hc.runtime.output_dir)
     try:
         checked = preflight(cfg)
+        report_data(checked.source, checked.groups, bool(cfg.get("progress", True)))
         run_dir = _resume_target(cfg, hc, fresh)
         hint = resume_hint(hc, fresh, run_dir, str(cfg.run_name))
         summary = run_training(cfg, run_dir, checked=checked, resume_hint=hint)
