@@ -13,11 +13,6 @@ class ConfigError(ValueError):
     """A bad config value. The message names the field and the allowed values."""
 
 
-def _steps_by_m(names: list, steps_small: int, steps_all: int) -> int:
-    # Paper: 5k steps for m = 2, 3 and 40k for m = 7.
-    return int(steps_all) if len(names) >= 7 else int(steps_small)
-
-
 # The paper's six settings (config name -> groups).
 SETTINGS: dict[str, list[str]] = {
     "a_se": ["arxiv", "stackexchange"],
@@ -51,15 +46,12 @@ def setting_label(paper_key: str, paper_label: str, names: list) -> str:
 
 def register_resolvers() -> None:
     for name, fn in (
-        ("steps_by_m", _steps_by_m),
+        ("by_m", _by_m),
         ("setting_key", setting_key),
         ("setting_label", setting_label),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-
-
-register_resolvers()
 
 
 def _positive_int(cfg: DictConfig, path: str, minimum: int = 1) -> int:
@@ -108,10 +100,13 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _by_m(names: list, v2: object, v3: object, v7: object) -> object:
-    """Pick a per-setting hyper-parameter by the number of groups (released scripts: m = 2, 3, 7)."""
+    """A per-setting value by the number of groups m: the released scripts give values for m = 2, 3, 7.
+
+    The one rule for every key, step counts included: m <= 2 takes the m = 2 value, m = 3 the m = 3
+    value, and m >= 4 the m = 7 value. So a 5-group setting at paper scale trains 40k steps, and its
+    DoReMi/DoGE proxies and Skill-It graph runs are as long as its run, as at m = 7."""
     m = len(names)
     return v2 if m <= 2 else (v3 if m <= 3 else v7)
 
 
-if not OmegaConf.has_resolver("by_m"):
-    OmegaConf.register_new_resolver("by_m", _by_m)
+register_resolvers()

@@ -81,3 +81,17 @@ def test_setting_names_follow_the_groups(make_cfg, overrides, key, label):
     cfg = make_cfg(*overrides)
     assert (cfg.groups.key, cfg.groups.label) == (key, label)
     assert cfg.run_name == f"stratified-{key}-s0"
+
+
+@pytest.mark.parametrize("names", [SETTINGS["a_b_se"] + ["github"], SETTINGS["cc_gh_w"] + ["c4", "book"]])
+def test_four_and_five_groups_follow_one_per_m_rule(names):
+    """m >= 4 takes the m = 7 value of every key, step counts included (no 5k-step run, 40k-step proxies)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for method in ("doremi", "doge", "skillit"):
+            cfg = compose(
+                "train", overrides=["scale=paper", f"groups.names=[{','.join(names)}]", f"method={method}"]
+            )
+            steps = cfg.train.max_steps
+            assert steps == 40000 and cfg.hp.doremi.proxy_steps == steps and cfg.hp.doge.proxy_steps == steps
+            assert cfg.hp.skillit.graph_steps == steps and cfg.hp.aioli.lp_rounds == 2  # the m = 7 values
+            assert cfg.groups.key == "_".join(names)
