@@ -41,7 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.callback import trajectory_records
 from aioli_repro.config import ConfigError
-from aioli_repro.pipeline.recipes import RECIPES, Pipeline, _unique, _write_json, derive, static_mixer
+from aioli_repro.fileio import atomic_write_json
+from aioli_repro.pipeline.recipes import RECIPES, Pipeline, _unique, derive, static_mixer
 from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_hash
 
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")
@@ -253,7 +254,7 @@ def run_restricted(
             "final_run_dir": final["run_dir"],
         }
         path = dirs[variant] / "summary.json"
-        _write_json(path, summary)
+        atomic_write_json(path, summary)
         from aioli_repro.results import log_pipeline_run
 
         wb = cfg.logger.wandb

@@ -8,7 +8,6 @@ directory. `run_training(cfg, run_dir)` is the same thing callable in-process (p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import logging
@@ -22,11 +21,11 @@ import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import hydra
 import lightning as L
@@ -46,6 +45,7 @@ from aioli_repro.data.sampler import ProportionError
 from aioli_repro.data.source import DataError
 from aioli_repro.data.tokenizer import build_tokenizer
 from aioli_repro.evaluation import avg_ppl, group_perplexities, ppl_of_mean_loss
+from aioli_repro.fileio import atomic_write, atomic_write_json, file_lock, is_locked
 from aioli_repro.lm_module import MixingLM, NonFiniteLossError, OptimConfig, RunClock
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 from aioli_repro.model import ModelConfig, load_decoder_state
@@ -79,37 +79,6 @@ _RESUME_FREE = {
 }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write then rename (same directory, fsync'd): readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temporary file next to the target, fsync, rename.
 
@@ -125,7 +94,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options is not supported")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def check_checkpoint_readable(path: Path) -> None:
@@ -401,41 +370,20 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
     Non-blocking, unlike the pipeline's stage lock (which waits, then reuses the finished stage): two
     plain train commands that land in one directory (e.g. started in the same second) are a mistake.
     """
-    with open(run_dir / ".train.lock", "a+") as fh:
+    with ExitStack() as held:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(file_lock(run_dir / ".train.lock", blocking=False))
         except BlockingIOError:
             raise RunDirInUse(
                 f"run directory {run_dir} is in use by another training process; wait for it to finish "
                 "or pick another directory (hydra.run.dir=...)"
             ) from None
-        write_pid(fh)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def write_pid(fh: Any) -> None:
-    """Say in a lock file just acquired which process holds it (and never leave it empty)."""
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+        yield
 
 
 def _run_dir_busy(run_dir: Path) -> bool:
     """Is a training process holding `run_dir`'s lock right now?"""
-    lock = run_dir / ".train.lock"
-    if not lock.exists():
-        return False
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    return False
+    return is_locked(run_dir / ".train.lock")
 
 
 def _run_training(
@@ -495,13 +443,13 @@ def _run_training(
     if checked.init_checkpoint and resumed_from is None:  # a resumed branch run has its weights in last.ckpt
         module.model.load_state_dict(load_decoder_state(checked.init_checkpoint))
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
-    _atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     _fit(trainer, module, dm, resumed_from, last, resume_hint)
     # the final weights, for later stages (DoReMi's reference model)
     trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
     summary = _summary(cfg, extras, checked, trainer, module, mixing, dm, packed, resumed_from, run_dir)
     _finish_loggers(loggers, summary)
-    _atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
+    atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
     return summary
 
 

@@ -31,7 +31,6 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +39,7 @@ from tqdm import tqdm
 
 from aioli_repro.data.source import SPLITS, DataError, GroupSource, human_count
 from aioli_repro.data.tokenizer import Tokenizer
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no cross-process lock
-    fcntl = None
+from aioli_repro.fileio import atomic_write_json, file_lock
 
 #: bump when the on-disk format or the packing rule changes (invalidates every cache)
 FORMAT_VERSION = 2
@@ -170,15 +165,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_manifest(entry: Path) -> dict | None:
     path = entry / MANIFEST_NAME
     if not path.exists():
@@ -187,19 +173,6 @@ def _read_manifest(entry: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None  # unreadable == absent: the build path rewrites it
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock for the duration of a build (released if the process dies)."""
-    with open(path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _check_group_name(group: str) -> None:
@@ -465,7 +438,7 @@ def _build_entry(job: _Job, group: str, entry: Path, manifest: dict) -> None:
             manifest["splits"][s] = rec
             manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             # record each finished file at once: an interrupted build resumes where it stopped
-            _atomic_write_json(entry / MANIFEST_NAME, manifest)
+            atomic_write_json(entry / MANIFEST_NAME, manifest, indent=1)
     finally:
         if bar is not None:
             bar.close()
@@ -481,7 +454,7 @@ def _ensure_entry(job: _Job, group: str) -> tuple[Path, dict]:
     if _usable(entry, manifest, key, job.verify_checksums):
         return entry, manifest  # fast path: no lock, no document read
     entry.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry / ".lock"):
+    with file_lock(entry / ".lock"):
         manifest = _read_manifest(entry)  # another process may have finished it while we waited
         if manifest is None or manifest.get("key") != key or manifest.get("format_version") != FORMAT_VERSION:
             manifest = _new_manifest(job, group, digest, key)

@@ -15,14 +15,13 @@ Every final summary records the training tokens of all stages that produced it.
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from aioli_repro.fileio import atomic_write_json
 from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_hash, stage_lock
 from aioli_repro.train import UNUSED_RUN_FILES, Preflight, preflight, remove_if_unused, run_training
 
@@ -82,7 +81,9 @@ class Pipeline:
 
     def _train(self, stage: Stage, d: Path, checked: Preflight) -> dict:
         self.log(f"[pipeline] stage {stage.name}: training in {d}")
-        _write_json(d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras})
+        atomic_write_json(
+            d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras}
+        )
         try:
             return run_training(stage.cfg, d, extras=stage.extras, checked=checked)
         except BaseException:  # failed before training wrote anything (e.g. reading the data): no folder
@@ -298,13 +299,6 @@ def _val_matrix(summaries: list[dict], groups: list[str]) -> np.ndarray:
     return np.asarray([[s["val_loss"][g] for g in groups] for s in summaries], dtype=np.float64)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 RECIPES = {
     "stratified": Pipeline.single,
     "static": Pipeline.single,
@@ -343,7 +337,7 @@ def run_method(
         "final_run_dir": final["run_dir"],
     }
     out = result_dir(results_dir, cfg, "pipeline", stage_hash(cfg)) / "summary.json"
-    _write_json(out, summary)
+    atomic_write_json(out, summary)
     # one small W&B run per pipeline, so tables can be rebuilt from W&B logs alone
     from aioli_repro.results import log_pipeline_run
 

@@ -10,10 +10,8 @@ which is how the DoReMi reference *is* the stratified baseline and DML reuses gr
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from aioli_repro.fileio import file_lock
 
 # Keys that do not change what a run computes, so they stay out of the stage hash.
 _NOT_HASHED = (
@@ -92,14 +92,5 @@ def read_summary(run_dir: Path) -> dict | None:
 @contextmanager
 def stage_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive lock on a stage directory so two sweeps never train the same stage at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as fh:  # "a+": a waiting process leaves the holder's pid alone
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")  # which process holds it (and no empty file)
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(Path(run_dir) / ".lock"):
+        yield
