@@ -874,10 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     for what, path in paths.items():
         print(f"[reproduce] {what}: {path}")
-    trained = len(pending) - len(failures)
+    trained = 0 if args.no_run else len(pending) - len(failures)
     print(
         f"[reproduce] wall time {_fmt_s(time.time() - t0)} ({time.time() - t0:.1f} s; sweep {run_s:.1f} s): "
         f"{n} {unit}, {n - len(pending)} already done, {max(trained, 0)} run now"
+        + (f", {len(pending)} not run (--no-run)" if args.no_run and pending else "")
         + (f", {len(failures)} failed" if failures else ""),
         flush=True,
     )
