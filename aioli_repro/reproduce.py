@@ -141,8 +141,17 @@ class Job:
         return f"{self.meta['label']} {self.method} seed {self.seed}"
 
     def refresh(self) -> bool:
+        # a cached plan may name a folder that an older version of this code wrote without the setting key
+        key = f"-{self.meta['setting']}-"
+        legacy = [d.with_name(d.name.replace(key, "-", 1)) if _legacy_only(d, key) else d for d in self.dirs]
+        self.dirs = legacy
         self.done = all((d / "summary.json").exists() for d in self.dirs)
         return self.done
+
+
+def _legacy_only(d: Path, key: str) -> bool:
+    """`d` does not exist but the same folder in the earlier naming (no setting key) does."""
+    return key in d.name and not d.exists() and d.with_name(d.name.replace(key, "-", 1)).is_dir()
 
 
 def job_meta(cfg: DictConfig) -> dict:
