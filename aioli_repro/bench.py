@@ -1,4 +1,4 @@
-"""Throughput benchmark: `python -m aioli_repro.bench [model=tiny] [steps=60] [methods=true]`.
+"""Throughput benchmark: `python -m aioli_repro.bench [--scale tiny] [--steps 60] [--methods a,b]`.
 
 Every comparison is a ratio of two timings taken in the same process, one after the other, on the
 same model config and batches, so machine noise mostly cancels. Writes `results/bench.json` and
@@ -36,11 +36,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import aioli_repro.config  # noqa: F401  (resolvers)
-from aioli_repro.callback import MixingCallback
 from aioli_repro.data.datamodule import MixtureDataModule
-from aioli_repro.lm_module import MixingLM, OptimConfig, lr_at, param_groups
 from aioli_repro.mixing.static import Stratified
 from aioli_repro.model import build_model, lm_token_losses
+from aioli_repro.training.callbacks import MixingCallback
+from aioli_repro.training.module import MixingLM, OptimConfig, lr_at, param_groups
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 6000 Ada": 364e12}
@@ -112,6 +112,7 @@ def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.d
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
         callbacks=[MixingCallback(Stratified()), timer],
         log_every_n_steps=cfg.train.log_every,
+        gradient_clip_val=float(cfg.train.grad_clip),
     )
     trainer.fit(module, datamodule=_make_dm(cfg, packed))
     return timer.times
@@ -154,7 +155,7 @@ def bench_plain(
         loss.backward()
         _sync(device)
         t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -230,7 +231,7 @@ def bench_hf(cfg: DictConfig, steps: int, device: torch.device) -> float | None:
 
 def bench_methods(base: list[str], steps: int, methods: list[str]) -> dict[str, float]:
     """Wall-clock of training `steps` steps with each method / stratified (same data, model, seed)."""
-    from aioli_repro.train import run_training
+    from aioli_repro.training.run import run_training
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--md", default="docs/benchmarks.md")
     args = ap.parse_args(argv)
 
-    from aioli_repro.train import allow_tf32, build_data
+    from aioli_repro.training.preflight import build_data
+    from aioli_repro.training.run import allow_tf32
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

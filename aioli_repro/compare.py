@@ -2,11 +2,12 @@
 
     python -m aioli_repro.compare RESULTS_DIR [--out DIR] [--source auto|summary|wandb] [--no-plots]
 
-Reads every finished pipeline under RESULTS_DIR (`results.load_runs`), and for each (data, scale) writes:
+Reads every finished pipeline under RESULTS_DIR (`results.load.load_runs`), and for each (data, scale) writes:
 
     compare.md / compare.csv    every setting and method present: the difference from stratified paired
-                                by seed with its 95% interval (the Table 2 logic, `tables.build_comparison`),
-                                and per setting a per-group test perplexity table
+                                by seed with its 95% interval (the Table 2 logic,
+                                `results.tables.build_comparison`), and per setting a per-group test
+                                perplexity table
     compare.png                 the differences as bars with their intervals
     trajectories/<setting>/<method>-s<seed>.png   the mixture each run trained on, probes apart
 
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from aioli_repro.results import data_label, load_runs
-from aioli_repro.stats import fmt_paired, paired
-from aioli_repro.tables import (
+from aioli_repro.results.load import data_label, load_runs
+from aioli_repro.results.stats import fmt_paired, paired
+from aioli_repro.results.tables import (
     MISSING,
     build_comparison,
     by_seed,
@@ -36,7 +37,7 @@ from aioli_repro.tables import (
     present_settings,
     to_markdown,
 )
-from aioli_repro.trajectory_plot import plot_trajectory
+from aioli_repro.results.trajectory_plot import plot_trajectory
 
 
 def slug(text: str) -> str:

@@ -1,10 +1,25 @@
-"""Config helpers: Hydra resolvers, early validation with errors that name the field."""
+"""Config helpers: Hydra resolvers, and one validation pass whose errors name the field.
+
+`register_resolvers()` registers the `by_m`, `setting_key` and `setting_label` resolvers the configs in
+`conf/` use (idempotent). Importing this module still calls it, for the entry points and modules that
+rely on `import aioli_repro.config` alone; new code should call it explicitly before composing.
+
+`validate_config(cfg)` checks every field of `FIELDS` (type, range, allowed values) and the relations
+between fields, before any data is built or any model allocated. Each error is a `ConfigError` whose
+message starts with the dotted field name (`train.lr: must be a number > 0, got 'abc'`). The options
+of a class named by `_target_` (`data.source.*`, `method.mixer.*`, fed by `hp.*`) are checked by that
+class when it is built, with messages that name the field the same way.
+"""
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from aioli_repro.data.source import SLIMPAJAMA_GROUPS
 
@@ -24,9 +39,15 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
+def _as_names(names: object) -> list:
+    """groups.names as a list; any other value as a one-element list, so that a resolver never fails
+    on a bad value (validate_config reports it, naming groups.names)."""
+    return list(names) if isinstance(names, (list, tuple, ListConfig)) else [names]
+
+
 def is_paper_setting(key: str, names: list) -> bool:
     """True when `names` are exactly the groups of the paper setting `key` (in its order)."""
-    return SETTINGS.get(str(key)) == [str(n) for n in names]
+    return SETTINGS.get(str(key)) == [str(n) for n in _as_names(names)]
 
 
 def setting_key(paper_key: str, names: list) -> str:
@@ -36,67 +57,14 @@ def setting_key(paper_key: str, names: list) -> str:
     paper setting's name: its key becomes `code_docs_prose`, safe in file and run names."""
     if is_paper_setting(paper_key, names):
         return str(paper_key)
-    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(n)).strip("-") or "group" for n in names)
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(n)).strip("-") or "group" for n in _as_names(names))
 
 
 def setting_label(paper_key: str, paper_label: str, names: list) -> str:
     """The setting's label in tables: the paper's (e.g. `A/SE`) for its own groups, else `code/docs/prose`."""
-    return str(paper_label) if is_paper_setting(paper_key, names) else "/".join(map(str, names))
-
-
-def register_resolvers() -> None:
-    for name, fn in (
-        ("by_m", _by_m),
-        ("setting_key", setting_key),
-        ("setting_label", setting_label),
-    ):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
-
-def _positive_int(cfg: DictConfig, path: str, minimum: int = 1) -> int:
-    v = OmegaConf.select(cfg, path)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{path}: must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Check the fields the run depends on before any data is built or any model allocated."""
-    names = OmegaConf.select(cfg, "groups.names")
-    if not names or not isinstance(list(names), list):
-        raise ConfigError(f"groups.names: need a non-empty list of groups, got {names!r}")
-    names = list(names)
-    if len(names) < 2:
-        raise ConfigError(f"groups.names: mixing needs at least 2 groups, got {names}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"groups.names: duplicate groups in {names}")
-    for path in ("train.max_steps", "train.batch_size", "train.context_length", "train.eval_batch_size"):
-        _positive_int(cfg, path)
-    _positive_int(cfg, "train.log_every")
-    for path in ("train.val_max_seqs", "train.test_max_seqs"):
-        v = OmegaConf.select(cfg, path)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ConfigError(f"{path}: must be null (all) or an integer >= 1, got {v!r}")
-    ctx = cfg.train.context_length
-    model_ctx = OmegaConf.select(cfg, "model.context_length")
-    if model_ctx is not None and ctx > model_ctx:
-        raise ConfigError(
-            f"train.context_length: {ctx} exceeds the model's maximum context "
-            f"(model.context_length={model_ctx})"
-        )
-    if ctx < 2:
-        raise ConfigError(f"train.context_length: must be >= 2, got {ctx}")
-    comp = OmegaConf.select(cfg, "train.composition")
-    if comp not in ("multinomial", "exact"):
-        raise ConfigError(f"train.composition: unknown value {comp!r}; allowed: ['multinomial', 'exact']")
-    lr, min_lr = cfg.train.lr, cfg.train.min_lr
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ConfigError(f"train.lr: must be > 0, got {lr!r}")
-    if not (isinstance(min_lr, (int, float)) and 0 <= min_lr <= lr):
-        raise ConfigError(f"train.min_lr: must be in [0, train.lr={lr}], got {min_lr!r}")
-    if OmegaConf.select(cfg, "method.mixer._target_") is None:
-        raise ConfigError("method.mixer._target_: every method config needs a mixer with a _target_ class")
+    if is_paper_setting(paper_key, names):
+        return str(paper_label)
+    return "/".join(map(str, _as_names(names)))
 
 
 def _by_m(names: list, v2: object, v3: object, v7: object) -> object:
@@ -105,8 +73,260 @@ def _by_m(names: list, v2: object, v3: object, v7: object) -> object:
     The one rule for every key, step counts included: m <= 2 takes the m = 2 value, m = 3 the m = 3
     value, and m >= 4 the m = 7 value. So a 5-group setting at paper scale trains 40k steps, and its
     DoReMi/DoGE proxies and Skill-It graph runs are as long as its run, as at m = 7."""
-    m = len(names)
+    m = len(_as_names(names))
     return v2 if m <= 2 else (v3 if m <= 3 else v7)
 
 
-register_resolvers()
+_RESOLVERS = {"by_m": _by_m, "setting_key": setting_key, "setting_label": setting_label}
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers that `conf/` uses; calling it again does nothing."""
+    for name, fn in _RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# -- the fields ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Field:
+    """What one config value may be.
+
+    kind: int | number | bool | str | choice | signal | names | devices. `low` / `high` bound an int or
+    number (`low_open`: strictly above `low`). `null`: null is allowed, and what it means. `optional`:
+    the field may be absent (the code that reads it has the same default as `conf/`). `missing`: the
+    message when a required field is absent."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    null: str | None = None
+    choices: tuple = ()
+    optional: bool = False
+    missing: str = "every config needs it"
+
+    def describe(self) -> str:
+        if self.kind in ("int", "number"):
+            what = "an integer" if self.kind == "int" else "a finite number"
+            lo = None if self.low is None else f"{self.low:g}"
+            hi = None if self.high is None else f"{self.high:g}"
+            if lo is not None and hi is not None:
+                what += f" in {'(' if self.low_open else '['}{lo}, {hi}]"
+            elif lo is not None:
+                what += f" {'>' if self.low_open else '>='} {lo}"
+            elif hi is not None:
+                what += f" <= {hi}"
+        else:
+            what = {
+                "bool": "true or false",
+                "str": "a non-empty string",
+                "names": "a list of at least 2 distinct group names",
+                "devices": "an integer >= 1, -1 (all), 'auto', or a non-empty list of distinct indices",
+            }.get(self.kind, f"one of {list(self.choices)}")
+        return f"null ({self.null}) or {what}" if self.null else what
+
+    def accepts(self, v: Any) -> bool:
+        if v is None:
+            return self.null is not None
+        if self.kind in ("int", "number"):
+            ok_type = isinstance(v, int) if self.kind == "int" else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok_type or not math.isfinite(v):
+                return False
+            if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+                return False
+            return self.high is None or v <= self.high
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "str":
+            return isinstance(v, str) and v.strip() != ""
+        if self.kind == "choice":
+            return any(type(v) is type(c) and v == c for c in self.choices)
+        if self.kind == "signal":
+            return isinstance(v, str) and _signal_name(v) in self.choices
+        if self.kind == "devices":
+            if isinstance(v, list):
+                ints = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+                return bool(v) and ints and len(set(v)) == len(v)
+            return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1))
+        raise AssertionError(f"unknown field kind {self.kind!r}")  # a bug in FIELDS
+
+
+def _signal_name(v: str) -> str:
+    name = v.strip().upper()
+    return name if name.startswith("SIG") else f"SIG{name}"
+
+
+def _int(low: int = 1, **kw: Any) -> Field:
+    return Field("int", low=low, **kw)
+
+
+def _num(**kw: Any) -> Field:
+    return Field("number", **kw)
+
+
+_BOOL, _STR = Field("bool"), Field("str")
+_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT")  # as aioli_repro/training/slurm.py (USR1 etc. too)
+_PRECISIONS = ("auto", "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+               "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16)  # fmt: skip
+
+# Every field of `conf/` outside the options of a `_target_` class (data.source.*, method.mixer.*; the
+# hp.* values they interpolate), by dotted path. tests/test_config_fields.py checks each with bad values,
+# and that every leaf of the composed configs is here.
+FIELDS: dict[str, Field] = {
+    # top level
+    "seed": _int(0),
+    "cache_dir": _STR,
+    "results_dir": _STR,
+    "progress": _BOOL,
+    "progress_refresh": _num(low=0, low_open=True),
+    "num_threads": _int(1, null="torch's default"),
+    "run_name": _STR,
+    "scale_name": _STR,
+    # groups (names first: other fields interpolate by_m on it)
+    "groups.names": Field("names"),
+    "groups.key": _STR,
+    "groups.label": _STR,
+    # train
+    "train.max_steps": _int(1),
+    "train.batch_size": _int(1),
+    "train.context_length": _int(2),
+    "train.eval_batch_size": _int(1),
+    "train.log_every": _int(1),
+    "train.lr": _num(low=0, low_open=True),
+    "train.min_lr": _num(low=0),
+    "train.warmup_steps": _int(0),
+    "train.weight_decay": _num(low=0),
+    "train.grad_clip": _num(low=0, null="no clipping"),
+    "train.val_max_seqs": _int(1, null="all"),
+    "train.test_max_seqs": _int(1, null="all"),
+    "train.val_every": _int(0, null="only at the end"),
+    "train.checkpoint_every": _int(0, null="no periodic checkpoints"),
+    "train.composition": Field("choice", choices=("multinomial", "exact")),
+    "train.compile": Field("bool", optional=True),
+    # trainer
+    "trainer.accelerator": Field("choice", choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu")),
+    "trainer.devices": Field("devices"),
+    "trainer.precision": Field("choice", choices=_PRECISIONS),
+    "trainer.deterministic": Field("choice", choices=(True, False, "warn"), optional=True),
+    "trainer.slurm_requeue": Field("bool", optional=True),
+    "trainer.requeue_signal": Field("signal", choices=_SIGNALS, optional=True),
+    # data
+    "data.source._target_": Field("str", missing="every data config needs a source with a _target_ class"),
+    "data.tokenizer": _STR,
+    "data.label": Field("str", optional=True),
+    "data.seed": _int(0, optional=True),
+    "data.verify_checksums": Field("bool", optional=True),
+    "data.rebuild_on_mismatch": Field("bool", optional=True),
+    # model (aioli_repro.model.ModelConfig; the fields it gives defaults to are optional)
+    "model._target_": _STR,
+    "model.n_layer": _int(1),
+    "model.d_model": _int(1),
+    "model.n_head": _int(1),
+    "model.vocab_size": _int(1),
+    "model.context_length": _int(1),
+    "model.d_ff": _int(1, null="4 * d_model", optional=True),
+    "model.rotary_pct": _num(low=0, high=1, optional=True),
+    "model.rotary_base": _num(low=0, low_open=True, optional=True),
+    "model.layer_norm_eps": _num(low=0, low_open=True, optional=True),
+    "model.parallel_residual": Field("bool", optional=True),
+    "model.use_flash_attn": Field("bool", optional=True),
+    "model.init_std": _num(low=0, low_open=True, optional=True),
+    "model.bias": Field("bool", optional=True),
+    # logger
+    "logger.wandb.mode": Field("choice", choices=("offline", "online", "disabled")),
+    "logger.wandb.project": _STR,
+    "logger.wandb.entity": Field("str", null="your W&B default entity"),
+    # restricted setting (python -m aioli_repro.restricted; absent from the configs of its stages)
+    "restricted.fraction": _num(low=0, high=1, low_open=True, optional=True),
+    "restricted.prior_steps": _int(1, null="hp.aioli.update_steps", optional=True),
+    # method (its mixer's options are checked by the mixer class)
+    "method.name": _STR,
+    "method.mixer._target_": Field("str", missing="every method config needs a mixer with a _target_ class"),
+    # method.pipeline: the multi-stage methods' options (only where the method has them)
+    "method.pipeline.n_runs": _int(1, optional=True),
+    "method.pipeline.alpha": _num(low=0, low_open=True, optional=True),
+    "method.pipeline.cover_seed": _int(0, optional=True),
+    "method.pipeline.restarts": _int(1, optional=True),
+    "method.pipeline.ridge": _num(low=0, optional=True),
+    "method.pipeline.proxy_steps": _int(1, optional=True),
+    "method.pipeline.proxy_batch_size": _int(1, optional=True),
+    "method.pipeline.graph_steps": _int(1, optional=True),
+    "method.pipeline.graph_eval_step": _int(0, null="the end of the graph run", optional=True),
+    "method.pipeline.n_children": _int(1, null="m + 1", optional=True),
+    "method.pipeline.branch_fraction": _num(low=0, high=1, low_open=True, optional=True),
+}
+
+_ABSENT = object()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _value(cfg: DictConfig, path: str) -> Any:
+    """The resolved value at `path` (plain Python), `_ABSENT` if there is none; omegaconf errors (an
+    interpolation that does not resolve, `???`) become a ConfigError naming the field."""
+    try:
+        v = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=True)
+        if isinstance(v, (DictConfig, ListConfig)):
+            v = OmegaConf.to_container(v, resolve=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{path}: has no value (???); set it on the command line: {path}=...") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: cannot be resolved: {_one_line(e)}") from None
+    return v
+
+
+def _check_names(v: Any) -> list[str]:
+    if v is None or (isinstance(v, list) and not v):
+        raise ConfigError(f"groups.names: need a non-empty list of groups, got {v!r}")
+    if not isinstance(v, list) or not all(isinstance(n, str) and n.strip() for n in v):
+        raise ConfigError(f"groups.names: must be a list of group names (non-empty strings), got {v!r}")
+    if len(v) < 2:
+        raise ConfigError(f"groups.names: mixing needs at least 2 groups, got {v}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"groups.names: duplicate groups in {v}")
+    return v
+
+
+def _check_field(cfg: DictConfig, path: str, field: Field) -> Any:
+    v = _value(cfg, path)
+    if v is _ABSENT:
+        if field.optional:
+            return None
+        raise ConfigError(f"{path}: missing ({field.missing})")
+    if field.kind == "names":
+        return _check_names(v)
+    if not field.accepts(v):
+        if field.kind in ("choice", "signal") and v is not None:
+            raise ConfigError(f"{path}: unknown value {v!r}; allowed: {list(field.choices)}")
+        raise ConfigError(f"{path}: must be {field.describe()}, got {v!r}")
+    return v
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every field of `FIELDS`, then the relations between fields, before any data is built or any
+    model allocated. Raises a ConfigError whose message starts with the field's dotted name."""
+    names = _check_field(cfg, "groups.names", FIELDS["groups.names"])
+    v = {path: _check_field(cfg, path, field) for path, field in FIELDS.items() if path != "groups.names"}
+    ctx, model_ctx = v["train.context_length"], v["model.context_length"]
+    if ctx > model_ctx:
+        raise ConfigError(
+            f"train.context_length: {ctx} exceeds the model's maximum context "
+            f"(model.context_length={model_ctx})"
+        )
+    lr, min_lr = v["train.lr"], v["train.min_lr"]
+    if min_lr > lr:
+        raise ConfigError(f"train.min_lr: must be in [0, train.lr={lr}], got {min_lr!r}")
+    d_model, n_head = v["model.d_model"], v["model.n_head"]
+    if d_model % n_head:
+        raise ConfigError(f"model.d_model: {d_model} is not divisible by model.n_head={n_head}")
+    n_children = v["method.pipeline.n_children"]
+    if n_children is not None and n_children < len(names) + 1:
+        raise ConfigError(
+            f"method.pipeline.n_children: needs at least m + 1 = {len(names) + 1} children, got {n_children}"
+        )
+
+
+register_resolvers()  # at import, kept: entry points and modules rely on `import aioli_repro.config` for it

@@ -82,3 +82,11 @@ def is_locked(path: str | Path) -> bool:
             return True
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     return False
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (as the user typed outputs/...)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

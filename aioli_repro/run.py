@@ -14,15 +14,10 @@ from omegaconf import DictConfig
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.recipes import run_method
-from aioli_repro.train import (
-    USER_ERRORS,
-    build,
-    default_layout,
-    format_summary,
-    remove_if_unused,
-    report_data,
-    user_error_exit,
-)
+from aioli_repro.train import user_error_exit
+from aioli_repro.training.preflight import USER_ERRORS, build, report_data
+from aioli_repro.training.run_dirs import default_layout, remove_if_unused
+from aioli_repro.training.summary import format_summary
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -37,7 +32,7 @@ def main(cfg: DictConfig) -> None:
         report_data(source, list(cfg.groups.names), bool(cfg.get("progress", True)))
         summary, path = run_method(cfg, results_dir)
         done = True
-    except (*USER_ERRORS, ValueError) as e:  # bad method options surface as ValueError naming the field
+    except USER_ERRORS as e:  # other exceptions are bugs and keep their traceback
         user_error_exit(e)
     finally:  # Hydra's folder for this command (only `.hydra`) records a pipeline that ran; else no debris
         if not done:

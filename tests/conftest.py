@@ -18,6 +18,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def compose_config(*overrides: str, hydra_cfg: bool = False):
+    """The one way tests compose `conf/train.yaml` with overrides (a missing config fails the test)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("aioli_cache")
@@ -31,7 +37,6 @@ def make_cfg(cache_dir: Path):
         base = ["scale=tiny", f"cache_dir={cache_dir}", "progress=false", "num_threads=2"]
         if not wandb:
             base.append("logger=none")
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose(config_name="train", overrides=[*base, *overrides])
+        return compose_config(*base, *overrides)
 
     return _make

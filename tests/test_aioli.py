@@ -4,19 +4,17 @@ restricted / static / diagonal variants, checkpoint resume mid-LearnParams, and 
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.utils import instantiate
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.data.sampler import MixtureSampler
 from aioli_repro.mixing.aioli import Aioli, normalize_A, probe_mixtures
 from aioli_repro.mixing.base import MixingContext, StepStats
-from tests.conftest import CONF
 
 B = 8
 # official released hyper-parameters per m (scripts/*/aioli/run.sh)
@@ -351,15 +349,7 @@ def test_log_metrics_once_per_round():
 
 # -- configs ----------------------------------------------------------------------------------------
 def _compose(overrides: list[str]):
-    deadline = time.time() + 600
-    while True:
-        try:
-            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-                return compose(config_name="train", overrides=overrides)
-        except Exception as e:  # other configs (data/model) may still be being written
-            if "synthetic" not in str(e) or time.time() > deadline:
-                raise
-            time.sleep(10)
+    return compose_config(*overrides)
 
 
 @pytest.mark.parametrize("method", ["aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal"])
@@ -415,7 +405,7 @@ def test_restricted_override_composes():
 # -- one tiny real run ------------------------------------------------------------------------------
 @pytest.mark.slow  # ~50-80 s on 2 busy CPU cores (data packing + Lightning start-up dominate)
 def test_tiny_end_to_end_run(make_cfg, tmp_path):
-    from aioli_repro.train import run_training
+    from aioli_repro.training.run import run_training
 
     _compose(["scale=tiny", "logger=none"])  # waits for the data/model configs if still being written
     cfg = make_cfg(

@@ -12,6 +12,7 @@ import pytest
 from aioli_repro import bench
 
 
+@pytest.mark.slow
 def test_bench_writes_every_key_and_a_markdown_row(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("AIOLI_CACHE", str(cache_dir))
     out, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from aioli_repro import compare
-from aioli_repro.stats import paired
-from aioli_repro.tables import by_seed
+from aioli_repro.results.stats import paired
+from aioli_repro.results.tables import by_seed
 
 
 def _summary(setting: str, groups: list[str], method: str, seed: int, ppl: list[float], data: str) -> dict:
@@ -91,8 +91,8 @@ def test_compare_writes_every_method_and_setting(results: Path, tmp_path: Path) 
 
 
 def test_trained_mixture_is_drawn_apart_from_probes() -> None:
-    from aioli_repro.results import trajectory_records
-    from aioli_repro.trajectory_plot import step_curve
+    from aioli_repro.results.trajectory_plot import step_curve
+    from aioli_repro.training.callbacks import trajectory_records
 
     s = _summary("A/SE", ["arxiv", "stackexchange"], "aioli", 0, [10.0, 11.0], "local")
     steps, p = step_curve(trajectory_records(s), s["groups"], s["steps"])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from aioli_repro.config import SETTINGS, ConfigError, validate_config
-from tests.conftest import CONF
+from aioli_repro.config import SETTINGS, ConfigError, register_resolvers, validate_config
+
+register_resolvers()
 
 METHODS = [
     "stratified",
@@ -26,24 +27,20 @@ METHODS = [
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_every_setting_and_method_composes(scale, setting):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for method in METHODS:
-            cfg = compose(
-                "train",
-                overrides=[f"scale={scale}", f"groups={setting}", f"method={method}", "cache_dir=/tmp/x"],
-            )
-            OmegaConf.resolve(cfg)
-            assert list(cfg.groups.names) == SETTINGS[setting]
-            assert cfg.method.name == method
-            validate_config(cfg)
-            mixer = cfg.method.mixer
-            if mixer.get("proportions", "x") is None:  # grid/dml sweep points are filled by the pipeline
-                continue
-            instantiate(mixer)
-            if scale == "paper":
-                expected = 40000 if setting == "slimpajama_all" else 5000
-                assert cfg.train.max_steps == expected
-                assert (cfg.train.batch_size, cfg.train.context_length) == (8, 2048)
+    for method in METHODS:
+        cfg = compose_config(*[f"scale={scale}", f"groups={setting}", f"method={method}", "cache_dir=/tmp/x"])
+        OmegaConf.resolve(cfg)
+        assert list(cfg.groups.names) == SETTINGS[setting]
+        assert cfg.method.name == method
+        validate_config(cfg)
+        mixer = cfg.method.mixer
+        if mixer.get("proportions", "x") is None:  # grid/dml sweep points are filled by the pipeline
+            continue
+        instantiate(mixer)
+        if scale == "paper":
+            expected = 40000 if setting == "slimpajama_all" else 5000
+            assert cfg.train.max_steps == expected
+            assert (cfg.train.batch_size, cfg.train.context_length) == (8, 2048)
 
 
 @pytest.mark.parametrize(
@@ -58,8 +55,7 @@ def test_every_setting_and_method_composes(scale, setting):
     ],
 )
 def test_bad_config_names_field(override, field):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["scale=tiny", "cache_dir=/tmp/x", override])
+    cfg = compose_config(*["scale=tiny", "cache_dir=/tmp/x", override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(cfg)
 
@@ -86,12 +82,81 @@ def test_setting_names_follow_the_groups(make_cfg, overrides, key, label):
 @pytest.mark.parametrize("names", [SETTINGS["a_b_se"] + ["github"], SETTINGS["cc_gh_w"] + ["c4", "book"]])
 def test_four_and_five_groups_follow_one_per_m_rule(names):
     """m >= 4 takes the m = 7 value of every key, step counts included (no 5k-step run, 40k-step proxies)."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for method in ("doremi", "doge", "skillit"):
-            cfg = compose(
-                "train", overrides=["scale=paper", f"groups.names=[{','.join(names)}]", f"method={method}"]
-            )
-            steps = cfg.train.max_steps
-            assert steps == 40000 and cfg.hp.doremi.proxy_steps == steps and cfg.hp.doge.proxy_steps == steps
-            assert cfg.hp.skillit.graph_steps == steps and cfg.hp.aioli.lp_rounds == 2  # the m = 7 values
-            assert cfg.groups.key == "_".join(names)
+    for method in ("doremi", "doge", "skillit"):
+        cfg = compose_config(*["scale=paper", f"groups.names=[{','.join(names)}]", f"method={method}"])
+        steps = cfg.train.max_steps
+        assert steps == 40000 and cfg.hp.doremi.proxy_steps == steps and cfg.hp.doge.proxy_steps == steps
+        assert cfg.hp.skillit.graph_steps == steps and cfg.hp.aioli.lp_rounds == 2  # the m = 7 values
+        assert cfg.groups.key == "_".join(names)
+
+
+def test_register_resolvers_is_idempotent():
+    register_resolvers()
+    register_resolvers()
+    for name in ("by_m", "setting_key", "setting_label"):
+        assert OmegaConf.has_resolver(name)
+
+
+# -- stage hashes: declaring a key in conf/ must not orphan finished results ----------------------------
+# (overrides of a sweep job, its pipeline folder's hash as computed before the keys below were declared)
+PINNED_HASHES = [
+    (
+        ["experiment=table2", "scale=table_smoke", "groups=a_se", "method=stratified", "seed=0"],
+        "4a2a9139c883",
+    ),
+    (["experiment=table2", "scale=miniature", "groups=a_se", "method=aioli", "seed=0"], "91abeaaa3009"),
+    (["experiment=table2", "scale=paper", "groups=slimpajama_all", "method=doge", "seed=0"], "df8326f15fb8"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), PINNED_HASHES, ids=[h for _, h in PINNED_HASHES])
+def test_stage_hashes_of_finished_results_do_not_change(overrides, expected):
+    from aioli_repro.pipeline.stage import stage_hash
+
+    cfg = compose_config(*[*overrides, "cache_dir=/tmp/x"])
+    assert stage_hash(cfg) == expected
+
+
+def test_late_declared_keys_stay_out_of_the_identity(make_cfg):
+    """trainer.slurm_requeue / requeue_signal, data.verify_checksums / rebuild_on_mismatch and restricted.*
+    never change a stage hash; data.seed does, except at 0, the value it had before it was declared."""
+    from aioli_repro.pipeline.stage import stage_hash
+    from aioli_repro.training.identity import stage_identity
+
+    base = stage_hash(make_cfg())
+    free = ["trainer.slurm_requeue=false", "trainer.requeue_signal=SIGUSR2", "data.verify_checksums=false",
+            "data.rebuild_on_mismatch=true", "restricted.fraction=0.25", "data.seed=0"]  # fmt: skip
+    assert stage_hash(make_cfg(*free)) == base
+    assert stage_hash(make_cfg("data.seed=1")) != base
+    ident = stage_identity(make_cfg())
+    assert "restricted" not in ident and "seed" not in ident["data"]
+    assert not {"slurm_requeue", "requeue_signal"} & set(ident["trainer"])
+    assert not {"verify_checksums", "rebuild_on_mismatch"} & set(ident["data"])
+
+
+@pytest.mark.parametrize(
+    ("variant", "own"),
+    [
+        ("aioli_mult", {"update_rule": "multiplicative"}),
+        ("aioli_null", {"eta": 0.0}),
+        ("aioli_static", {"update_steps": None}),
+        ("aioli_diagonal", {"diagonal": True}),
+    ],
+)
+@pytest.mark.parametrize("scale", ["miniature", "paper"])
+def test_aioli_variants_inherit_everything_else_from_aioli(variant, own, scale):
+    """Each variant file holds only what differs (its name and mixer keys); the rest comes from aioli.yaml."""
+    base, var = (
+        OmegaConf.to_container(
+            compose_config(*[f"scale={scale}", "groups=slimpajama_all", f"method={m}", "run_name=r"]),
+            resolve=True,
+        )
+        for m in ("aioli", variant)
+    )
+    assert var["method"]["name"] == variant
+    assert {k: var["method"]["mixer"][k] for k in own} == own
+    var["method"] = {
+        "name": "aioli",
+        "mixer": {**var["method"]["mixer"], **{k: base["method"]["mixer"][k] for k in own}},
+    }
+    assert var == base

@@ -6,21 +6,19 @@ import copy
 import io
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from hydra.utils import instantiate
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
-from aioli_repro.mixing.base import Batch, MixingContext
+from aioli_repro.mixing.base import Batch, MixingContext, StepContext
 from aioli_repro.mixing.doge import DoGE, _clip_coef, _grad_norm
 from aioli_repro.mixing.doremi import DoReMi
 from aioli_repro.model import ModelConfig, build_model, lm_token_losses
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CFG = ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64, context_length=32)
 T = 17
 
@@ -49,14 +47,16 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 
 
 def fake_module(model: torch.nn.Module, lr: float = 1e-3, accumulate: int = 1, val: list | None = None):
-    """The attributes the methods may touch (their documented contract) and nothing else."""
-    datamodule = SimpleNamespace(eval_sequences=lambda split: (val, None))
-    trainer = SimpleNamespace(
-        optimizers=[SimpleNamespace(param_groups=[{"lr": lr}])],
+    """The step context a method sees inside the training step."""
+    return StepContext(
+        step=0,
+        model=model,
+        model_config=CFG,
+        device=torch.device("cpu"),
+        lr=lr,
         accumulate_grad_batches=accumulate,
-        datamodule=datamodule,
+        val_sequences=lambda: val,
     )
-    return SimpleNamespace(model=model, model_config=CFG, device=torch.device("cpu"), trainer=trainer)
 
 
 def ctx(m: int = 2, seed: int = 0) -> MixingContext:
@@ -336,19 +336,18 @@ def test_configs_compose_and_instantiate(method: str, scale: str) -> None:
         "doremi": {"mu": (0.01, 0.01, 0.01), "proxy_steps": steps, "proxy_batch_size": (8, 8, 8)},
         "doge": {"mu": (0.01, 0.01, 0.1), "proxy_steps": steps, "proxy_batch_size": (6, 4, 4)},
     }[method]
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for k, groups in enumerate(["a_se", "a_b_se", "slimpajama_all"]):
-            cfg = compose("train", overrides=[f"method={method}", f"groups={groups}", f"scale={scale}"])
-            assert cfg.method.name == method
-            mixer = instantiate(cfg.method.mixer)
-            assert isinstance(mixer, DoReMi if method == "doremi" else DoGE)
-            pipe = cfg.method.pipeline
-            if scale == "paper":
-                assert mixer.mu == expected["mu"][k]
-                assert pipe.proxy_steps == expected["proxy_steps"][k]
-                assert pipe.proxy_batch_size == expected["proxy_batch_size"][k]
-                if method == "doge":
-                    assert mixer.val_batch_size == (2, 4, 4)[k]
-            else:
-                assert pipe.proxy_steps == cfg.train.max_steps
-                assert pipe.proxy_batch_size + (mixer.val_batch_size if method == "doge" else 0) == 8
+    for k, groups in enumerate(["a_se", "a_b_se", "slimpajama_all"]):
+        cfg = compose_config(f"method={method}", f"groups={groups}", f"scale={scale}")
+        assert cfg.method.name == method
+        mixer = instantiate(cfg.method.mixer)
+        assert isinstance(mixer, DoReMi if method == "doremi" else DoGE)
+        pipe = cfg.method.pipeline
+        if scale == "paper":
+            assert mixer.mu == expected["mu"][k]
+            assert pipe.proxy_steps == expected["proxy_steps"][k]
+            assert pipe.proxy_batch_size == expected["proxy_batch_size"][k]
+            if method == "doge":
+                assert mixer.val_batch_size == (2, 4, 4)[k]
+        else:
+            assert pipe.proxy_steps == cfg.train.max_steps
+            assert pipe.proxy_batch_size + (mixer.val_batch_size if method == "doge" else 0) == 8

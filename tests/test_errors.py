@@ -17,21 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
 from aioli_repro.data.source import DataError
-from aioli_repro.lm_module import NonFiniteLossError
 from aioli_repro.mixing.static import Stratified
-from aioli_repro.train import USER_ERRORS, CheckpointError, run_training
+from aioli_repro.training.checkpointing import CheckpointError
+from aioli_repro.training.module import NonFiniteLossError
+from aioli_repro.training.preflight import USER_ERRORS
+from aioli_repro.training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 BASE = ["scale=tiny", "logger=none", "progress=false", "num_threads=1"]
 
 
 def _cfg(cache_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=[*BASE, f"cache_dir={cache_dir}", *overrides])
+    return compose_config(*BASE, f"cache_dir={cache_dir}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,8 @@ class PoisonAt(Stratified):
     def __init__(self, at: int, value: float, group: int | None) -> None:
         self.at, self.value, self.group = at, value, group
 
-    def training_loss(self, batch, seq_loss, module):
-        if module.global_step == self.at:
+    def training_loss(self, batch, seq_loss, ctx):
+        if ctx.step == self.at:
             if self.group is None:  # every group's loss is fine, the method's combination is not
                 return seq_loss.mean() * self.value
             with torch.no_grad():  # in place, so the module's per-group statistics see it too
@@ -244,12 +244,6 @@ def test_nonfinite_loss_on_the_gpu_path_is_caught_before_any_checkpoint(
         def on_train_start(self, trainer, pl_module):
             pl_module._device = torch.device("cuda", 0)
 
-    init = L.Trainer.__init__
-    monkeypatch.setattr(
-        L.Trainer,
-        "__init__",
-        lambda self, *a, callbacks=None, **k: init(self, *a, callbacks=[*callbacks, FakeCuda()], **k),
-    )
     cfg = _cfg(
         cache_dir,
         "train.max_steps=12",
@@ -258,7 +252,7 @@ def test_nonfinite_loss_on_the_gpu_path_is_caught_before_any_checkpoint(
         f"train.log_every={log_every}",
     )
     with pytest.raises(NonFiniteLossError, match=r"first at step 7 in group\(s\) \['stackexchange'\]"):
-        run_training(cfg, tmp_path, method=PoisonAt(6, math.nan, 1))
+        run_training(cfg, tmp_path, method=PoisonAt(6, math.nan, 1), callbacks=[FakeCuda()])
     last = tmp_path / "checkpoints" / "last.ckpt"
     if ckpt_every == 4:  # the step-8 checkpoint was refused: step 4 is the last good one
         assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
@@ -291,7 +285,7 @@ def test_diverging_run_cli_exits_2_and_keeps_checkpoint(cache_dir, tmp_path):
 def test_two_trainings_in_one_run_directory_is_an_error(cache_dir, tmp_path):
     import fcntl
 
-    from aioli_repro.train import RunDirInUse
+    from aioli_repro.training.run_dirs import RunDirInUse
 
     with open(tmp_path / ".train.lock", "a+") as held:  # another process training here
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
@@ -330,7 +324,7 @@ def test_corrupt_data_cache_is_detected(local_dirs, tmp_path):
     os.truncate(target, 10)
     with pytest.raises(DataError, match=r"b(-\w+)?/val\.bin has 10 bytes"):
         run_training(_cfg(cache, *common), tmp_path / "third")
-    s = run_training(_cfg(cache, *common, "+data.rebuild_on_mismatch=true"), tmp_path / "fourth")
+    s = run_training(_cfg(cache, *common, "data.rebuild_on_mismatch=true"), tmp_path / "fourth")
     assert np.isfinite(s["test/avg_ppl"])
 
 
@@ -358,7 +352,7 @@ def test_datamodule_refuses_a_checkpoint_from_other_data():
 # -- W&B unreachable in online mode ---------------------------------------------------------------------
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9", "http://10.255.255.1:81", "https://10.255.255.1:8443"])
 def test_wandb_unreachable_falls_back_to_offline_quickly(url, tmp_path, monkeypatch, capsys):
-    from aioli_repro.run_logging import make_wandb_logger
+    from aioli_repro.training.loggers import make_wandb_logger
 
     # refused at once / dropped or answered by a proxy that cannot forward / TLS that does not verify
     monkeypatch.setenv("WANDB_BASE_URL", url)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioli_repro.train import run_training
+from aioli_repro.training.run import run_training
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist
 
-from aioli_repro.laws import (
+from aioli_repro.mixing.laws import (
     LogLinearLaw,
     fit_linear_dynamic,
     fit_log_linear,
@@ -14,7 +14,7 @@ from aioli_repro.laws import (
     r2_score,
     sim,
 )
-from aioli_repro.simplex import dirichlet_cover, grid_m2, grid_points, select_best
+from aioli_repro.mixing.simplex import dirichlet_cover, grid_m2, grid_points, select_best
 
 # HazyResearch/aioli dirichlet_weights/k_3_n_9_seed_0.txt (the released m = 3 sweep, seed 0)
 OFFICIAL_K3_N9_SEED0 = np.array(

@@ -131,7 +131,7 @@ def test_dynamic_law_branch_sweep_starts_from_the_stratified_run(make_cfg, tmp_p
 
 def test_branch_run_without_its_parent_checkpoint_is_a_clear_error(tmp_path):
     from aioli_repro.config import ConfigError
-    from aioli_repro.train import check_init_checkpoint
+    from aioli_repro.training.preflight import check_init_checkpoint
 
     assert check_init_checkpoint({}) is None
     with pytest.raises(ConfigError, match="init_checkpoint: missing prerequisite stage"):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
-from aioli_repro import reproduce, restricted
+from aioli_repro import reproduce
 from aioli_repro.config import ConfigError
+from aioli_repro.pipeline import launch, recipes, restricted, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 SETTINGS_23 = ["a_se", "gh_c4", "b_se", "a_b_se", "cc_gh_w"]
 METHODS = ["stratified", "grid", "dml", "skillit", "doremi", "doge", "aioli", "aioli_mult", "aioli_null"]
 BASELINES = ["grid", "dml", "skillit", "doremi", "doge"]
@@ -37,10 +37,7 @@ def _env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _compose(*overrides: str, hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(
-            "train", overrides=[*overrides, "cache_dir=/tmp/unused"], return_hydra_config=hydra_cfg
-        )
+    return compose_config(*overrides, "cache_dir=/tmp/unused", hydra_cfg=hydra_cfg)
 
 
 def _cells(jobs) -> set[tuple[str, str, int]]:
@@ -49,7 +46,7 @@ def _cells(jobs) -> set[tuple[str, str, int]]:
 
 # -- sweeps ------------------------------------------------------------------------------------------
 def test_table2_sweep_expands_to_every_setting_method_seed(tmp_path: Path) -> None:
-    jobs = reproduce.plan("table2", "paper", tmp_path)
+    jobs = sweep.plan("table2", "paper", tmp_path)
     expected = {(s, m, k) for s in SETTINGS_23 for m in METHODS for k in range(5)}
     expected |= {("slimpajama_all", m, k) for m in METHODS for k in range(3)}  # m = 7: 3 seeds
     assert len(jobs) == 5 * 9 * 5 + 9 * 3 == len(_cells(jobs))
@@ -65,16 +62,16 @@ def test_table2_sweep_expands_to_every_setting_method_seed(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> list:
-    return reproduce.plan("table2", "table_smoke", tmp_path_factory.mktemp("plan"), 1, 1)
+    return sweep.plan("table2", "table_smoke", tmp_path_factory.mktemp("plan"), 1, 1)
 
 
 def test_smoke_sweep_is_one_seed_and_its_aioli_schedule_fits(tiny_jobs: list) -> None:
-    assert reproduce.default_seeds("table_smoke", "table2", None, None) == (1, 1, 1)
-    assert reproduce.default_seeds("paper", "table2", None, None) == (None, None, None)  # configs' 5 and 3
-    assert reproduce.default_seeds("paper", "table2", 4, None) == (4, 3, None)
+    assert sweep.default_seeds("table_smoke", "table2", None, None) == (1, 1, 1)
+    assert sweep.default_seeds("paper", "table2", None, None) == (None, None, None)  # configs' 5 and 3
+    assert sweep.default_seeds("paper", "table2", 4, None) == (4, 3, None)
     # the miniature: 5 seeds for stratified and the Aioli arms everywhere, 3 for the other baselines
-    assert reproduce.default_seeds("miniature", "table2", None, None) == (5, 5, 3)
-    assert reproduce.default_seeds("miniature", "headroom", None, None) == (3, 3, 3)
+    assert sweep.default_seeds("miniature", "table2", None, None) == (5, 5, 3)
+    assert sweep.default_seeds("miniature", "headroom", None, None) == (3, 3, 3)
     jobs = tiny_jobs
     assert len(jobs) == 6 * 9 and {j.seed for j in jobs} == {0}
     from aioli_repro.mixing.aioli import Aioli
@@ -88,20 +85,20 @@ def test_smoke_sweep_is_one_seed_and_its_aioli_schedule_fits(tiny_jobs: list) ->
 
 
 def test_table3_sweep_and_selection(tmp_path: Path) -> None:
-    jobs = reproduce.plan("table3", "paper", tmp_path)
+    jobs = sweep.plan("table3", "paper", tmp_path)
     assert len(jobs) == 5 * 5 * 5 + 5 * 3
     assert {j.method for j in jobs} == set(BASELINES)
     assert all(len(j.dirs) == 2 for j in jobs)  # base and +aioli pipelines
-    seeds = reproduce.default_seeds("paper", "table2", 2, None)[:2]  # --seeds 2: m = 7 gets min(2, 3)
-    sub = reproduce.plan("table2", "table_smoke", tmp_path, *seeds, ["a_se", "slimpajama_all"], ["aioli"])
+    seeds = sweep.default_seeds("paper", "table2", 2, None)[:2]  # --seeds 2: m = 7 gets min(2, 3)
+    sub = sweep.plan("table2", "table_smoke", tmp_path, *seeds, ["a_se", "slimpajama_all"], ["aioli"])
     assert _cells(sub) == {("a_se", "aioli", 0), ("a_se", "aioli", 1), ("slimpajama_all", "aioli", 0),
                            ("slimpajama_all", "aioli", 1)}  # fmt: skip
 
 
 def test_command_line_sweeps_replace_the_experiments_params() -> None:
-    params = reproduce.sweep_params("table2")
+    params = sweep.sweep_params("table2")
     assert params["seed"] == "range(0,5)"
-    jobs = reproduce.expand_overrides(params, ["experiment=table2", "groups=a_se", "seed=0,1"])
+    jobs = sweep.expand_overrides(params, ["experiment=table2", "groups=a_se", "seed=0,1"])
     assert len(jobs) == 9 * 2
     assert all("groups=a_se" in j and "experiment=table2" in j for j in jobs)
 
@@ -152,7 +149,7 @@ def test_local_parallel_launcher_and_hydra_cli() -> None:
 
 def test_hydra_commands_split_node_types_and_phases(tiny_jobs: list, tmp_path: Path) -> None:
     jobs = tiny_jobs
-    cmds = [c for c, _ in reproduce.hydra_commands("table2", jobs, "slurm", tmp_path, None, [])]
+    cmds = [c for c, _ in launch.hydra_commands("table2", jobs, "slurm", tmp_path, None, [])]
     assert len(cmds) == 4  # (m = 2, 3 | m = 7) x (phase 1 | dml, doremi)
     assert all(c[1:4] == ["-m", "aioli_repro.run", "-m"] for c in cmds)
     assert [next(a for a in c if a.startswith("hydra/launcher=")) for c in cmds] == [
@@ -162,9 +159,9 @@ def test_hydra_commands_split_node_types_and_phases(tiny_jobs: list, tmp_path: P
     assert "method=dml,doremi" in cmds[1]
     assert "method=stratified,grid,skillit,doge,aioli,aioli_mult,aioli_null" in cmds[0]
     # launcher fields given on the driver's command line go to the Hydra command, after the launcher
-    part = reproduce.hydra_commands("table2", jobs, "slurm", tmp_path, None, ["hydra.launcher.partition=gpu"])
+    part = launch.hydra_commands("table2", jobs, "slurm", tmp_path, None, ["hydra.launcher.partition=gpu"])
     assert all(c[-1] == "hydra.launcher.partition=gpu" for c, _ in part)
-    par = reproduce.hydra_commands("table2", jobs, "local_parallel", tmp_path, 2, [])
+    par = launch.hydra_commands("table2", jobs, "local_parallel", tmp_path, 2, [])
     cmd, env = par[0]
     assert "num_threads=1" in cmd and "hydra.launcher.n_jobs=2" in cmd and env["OMP_NUM_THREADS"] == "1"
 
@@ -194,17 +191,17 @@ def test_restricted_options_shortening_and_checks() -> None:
 
 
 def test_time_average_of_a_trajectory() -> None:
-    from aioli_repro.callback import trajectory_records
+    from aioli_repro.training.callbacks import trajectory_records
 
     groups = ["a", "b"]
     old = trajectory_records({"groups": groups, "trajectory": [(0, [0.5, 0.5]), (10, [1.0, 0.0])]})
-    np.testing.assert_allclose(restricted.time_average(old, groups, 40), [0.875, 0.125])
+    np.testing.assert_allclose(recipes.time_average(old, groups, 40), [0.875, 0.125])
     new = [{"step": 0, "p": {"a": 0.5, "b": 0.5}, "probe": False}, {"step": 30, "p": {"a": 0.0, "b": 1.0}}]
     np.testing.assert_allclose(
-        restricted.time_average(trajectory_records({"groups": groups, "trajectory": new}), groups, 40),
+        recipes.time_average(trajectory_records({"groups": groups, "trajectory": new}), groups, 40),
         [0.375, 0.625],
     )
-    np.testing.assert_allclose(restricted.time_average([], groups, 40), [0.5, 0.5])
+    np.testing.assert_allclose(recipes.time_average([], groups, 40), [0.5, 0.5])
 
 
 # -- the driver, end to end ------------------------------------------------------------------------
@@ -332,7 +329,7 @@ def test_notebooks_execute(nb: str, micro_runs: Path, tmp_path: Path) -> None:
     if nb == "mixing_laws":  # a branch sweep for the dynamic law, from the A/SE stratified run
         from aioli_repro.pipeline.recipes import run_method
 
-        cfg = reproduce.compose_job(
+        cfg = sweep.compose_job(
             ["experiment=table2", "scale=table_smoke", "groups=a_se", "method=dynamic_law", "seed=0", *MICRO,
              "method.pipeline.n_children=3", "method.pipeline.branch_fraction=0.1"]
         )  # fmt: skip

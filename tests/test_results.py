@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aioli_repro import results, tables, wandb_offline
+from aioli_repro.results import load as results
+from aioli_repro.results import tables, wandb_offline
+from aioli_repro.training import pipeline_run_log
 
 SETTINGS = {"A/SE": ["arxiv", "stackexchange"], "A/B/SE": ["arxiv", "book", "stackexchange"]}
 METHODS = {"stratified": 0, "grid": 10, "aioli": 0}  # method -> extra runs
@@ -86,7 +88,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 s = fake_summary(setting, method, seed)
                 d = write_pipeline(root, s)
                 t0 = time.perf_counter()
-                run_dirs.append(results.log_pipeline_run(s, d))
+                run_dirs.append(pipeline_run_log.log_pipeline_run(s, d))
                 times.append(time.perf_counter() - t0)
                 summaries.append(s)
     # a per-stage directory with its own summary.json and a non-pipeline W&B run: both must be ignored
@@ -96,7 +98,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import wandb
 
     run = wandb.init(mode="offline", dir=str(stage), project="t", config={"lr": 1e-3}, reinit="create_new",
-                     settings=results._settings(wandb))  # fmt: skip
+                     settings=pipeline_run_log._settings(wandb))  # fmt: skip
     run.log({"train/loss": 3.0}, step=1)
     run.finish()
     print(f"\nlog_pipeline_run: first {times[0]:.2f} s, then mean {np.mean(times[1:]):.3f} s")
@@ -113,10 +115,10 @@ def test_log_pipeline_run_layout(logged: dict, tmp_path: Path) -> None:
         assert d is not None and d.parent.name == "wandb" and d.name.startswith("offline-run-")
         assert len(list(d.glob("run-*.wandb"))) == 1
     assert max(logged["times"]) < 10 and float(np.median(logged["times"])) < 3
-    assert results.log_pipeline_run(logged["summaries"][0], tmp_path, mode="disabled") is None
+    assert pipeline_run_log.log_pipeline_run(logged["summaries"][0], tmp_path, mode="disabled") is None
     assert not (tmp_path / "wandb").exists()
     with pytest.raises(ValueError, match="mode"):
-        results.log_pipeline_run(logged["summaries"][0], tmp_path, mode="cloud")
+        pipeline_run_log.log_pipeline_run(logged["summaries"][0], tmp_path, mode="cloud")
 
 
 def test_logged_run_content(logged: dict) -> None:
@@ -172,16 +174,16 @@ def test_auto_without_summaries_reads_wandb(logged: dict, tmp_path: Path) -> Non
 
 
 def test_online_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(results, "_wandb_reachable", lambda timeout=5.0: False)
-    d = results.log_pipeline_run(fake_summary("A/SE", "grid", 1), tmp_path, mode="online")
+    monkeypatch.setattr(pipeline_run_log, "wandb_online_problem", lambda timeout=5.0: "offline in this test")
+    d = pipeline_run_log.log_pipeline_run(fake_summary("A/SE", "grid", 1), tmp_path, mode="online")
     assert d is not None and d.name.startswith("offline-run-")
 
 
 def test_pipeline_logged_twice_is_one_row(tmp_path: Path) -> None:
     s = fake_summary("A/SE", "aioli", 0)
     d = write_pipeline(tmp_path, s)
-    results.log_pipeline_run(s, d)
-    results.log_pipeline_run(s, d)
+    pipeline_run_log.log_pipeline_run(s, d)
+    pipeline_run_log.log_pipeline_run(s, d)
     assert len(list((d / "wandb").glob("offline-run-*"))) == 2
     assert len(results.load_runs(tmp_path, source="wandb")) == 1
 
@@ -192,7 +194,7 @@ def long_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """A run whose .wandb file spans several 32 KiB blocks (records split FIRST/MIDDLE/LAST)."""
     s = fake_summary("A/B/SE", "aioli", 0, traj_len=400)
     d = write_pipeline(tmp_path_factory.mktemp("long"), s)
-    return s, results.log_pipeline_run(s, d)
+    return s, pipeline_run_log.log_pipeline_run(s, d)
 
 
 def test_parser_reads_multi_block_file(long_run: tuple[dict, Path]) -> None:

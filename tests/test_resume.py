@@ -22,17 +22,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import open_dict
 
-from aioli_repro.callback import RunInterrupted
-from aioli_repro.lm_module import MixingLM
 from aioli_repro.pipeline.recipes import run_method
 from aioli_repro.pipeline.stage import read_summary
-from aioli_repro.train import AtomicCheckpointIO, run_training, slurm_setup
+from aioli_repro.training.callbacks import RunInterrupted
+from aioli_repro.training.checkpointing import AtomicCheckpointIO
+from aioli_repro.training.module import MixingLM
+from aioli_repro.training.run import run_training
+from aioli_repro.training.slurm import slurm_setup
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 
 # What a results table is built from: all must match bitwise after a resume.
 RESULT_KEYS = (
@@ -87,8 +88,7 @@ def ckpt_step(path: Path) -> int:
 
 
 def compose_cfg(cache_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=[*BASE, f"cache_dir={cache_dir}", *overrides])
+    return compose_config(*BASE, f"cache_dir={cache_dir}", *overrides)
 
 
 class Crash(Exception):
@@ -109,15 +109,6 @@ class Interrupt(L.Callback):
             os.kill(os.getpid(), self.how)  # handled at the next bytecode, i.e. in the middle of the step
 
 
-def with_interrupt(monkeypatch: pytest.MonkeyPatch, at: int, how: str | int) -> None:
-    init = L.Trainer.__init__
-
-    def patched(self, *args, callbacks=None, **kwargs):
-        init(self, *args, callbacks=[*(callbacks or []), Interrupt(at, how)], **kwargs)
-
-    monkeypatch.setattr(L.Trainer, "__init__", patched)
-
-
 @pytest.fixture(scope="module")
 def stratified_baseline(cache_dir, tmp_path_factory) -> tuple[dict, Path]:
     d = tmp_path_factory.mktemp("stratified_baseline")
@@ -135,10 +126,8 @@ def test_crash_then_resume_is_bitwise(cache_dir, tmp_path, monkeypatch, stratifi
     # crash in step 11 (checkpoints every 4 steps): resumes from step 8 and redoes 9-10
     ref, ref_dir = stratified_baseline
     cfg = compose_cfg(cache_dir, *STRATIFIED)
-    with monkeypatch.context() as mp:
-        with_interrupt(mp, 10, "crash")
-        with pytest.raises(Crash):
-            run_training(cfg, tmp_path)
+    with pytest.raises(Crash):
+        run_training(cfg, tmp_path, callbacks=[Interrupt(10, "crash")])
     assert not (tmp_path / "summary.json").exists()
     assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 8
     s = run_training(cfg, tmp_path)
@@ -152,10 +141,8 @@ def test_sigterm_inside_learnparams_then_resume_is_bitwise(cache_dir, tmp_path, 
     # at the end of step 5 (not a periodic step), exits 143 without a summary, and resumes from there.
     ref, ref_dir = aioli_baseline
     cfg = compose_cfg(cache_dir, *AIOLI)
-    with monkeypatch.context() as mp:
-        with_interrupt(mp, 4, signal.SIGTERM)
-        with pytest.raises(RunInterrupted) as exc:
-            run_training(cfg, tmp_path)
+    with pytest.raises(RunInterrupted) as exc:
+        run_training(cfg, tmp_path, callbacks=[Interrupt(4, signal.SIGTERM)])
     assert exc.value.code == 128 + signal.SIGTERM and exc.value.step == 5
     assert not (tmp_path / "summary.json").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -224,16 +211,14 @@ def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch, str
     from aioli_repro.config import ConfigError
 
     cfg = compose_cfg(cache_dir, *STRATIFIED)
-    with monkeypatch.context() as mp:
-        with_interrupt(mp, 5, "crash")
-        with pytest.raises(Crash):
-            run_training(cfg, tmp_path)
+    with pytest.raises(Crash):
+        run_training(cfg, tmp_path, callbacks=[Interrupt(5, "crash")])
     changed = compose_cfg(cache_dir, *STRATIFIED, "train.lr=1e-3")
     with pytest.raises(ConfigError, match=r"train\.lr: 0\.002 -> 0\.001"):
         run_training(changed, tmp_path)
     assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 4  # untouched
     # keys that do not change the results may differ: the resume goes on, bitwise
-    free = ["train.checkpoint_every=3", "+data.rebuild_on_mismatch=true"]
+    free = ["train.checkpoint_every=3", "data.rebuild_on_mismatch=true"]
     s = run_training(compose_cfg(cache_dir, *STRATIFIED, *free), tmp_path)
     assert s["resumed_from"] is not None
     assert_same_results(stratified_baseline[0], s)
@@ -279,7 +264,7 @@ def test_slurm_requeue_is_configured_from_the_environment(cache_dir, monkeypatch
     assert slurm_setup(cfg)[1] == signal.SIGUSR2
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    from aioli_repro.train import slurm_job_id
+    from aioli_repro.training.slurm import slurm_job_id
 
     assert slurm_job_id() == "77_3"
 
@@ -299,10 +284,8 @@ def test_slurm_sigusr1_saves_requeues_and_resumes_bitwise(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cfg = compose_cfg(cache_dir, *STRATIFIED)
     run = tmp_path / "run"
-    with monkeypatch.context() as mp:
-        with_interrupt(mp, 6, signal.SIGUSR1)  # arrives during step 7
-        with pytest.raises(RunInterrupted) as exc:
-            run_training(cfg, run)
+    with pytest.raises(RunInterrupted) as exc:  # arrives during step 7
+        run_training(cfg, run, callbacks=[Interrupt(6, signal.SIGUSR1)])
     assert exc.value.code == 128 + signal.SIGUSR1 and exc.value.requeue
     assert log.read_text().split() == ["requeue", "4242"]
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 7  # the step boundary, not a periodic step
@@ -323,10 +306,8 @@ def test_submitit_style_exit_mid_step_resumes_bitwise(cache_dir, tmp_path, monke
     previous = signal.signal(signal.SIGUSR2, submitit_like)
     try:
         cfg = compose_cfg(cache_dir, *STRATIFIED)
-        with monkeypatch.context() as mp:
-            with_interrupt(mp, 13, signal.SIGUSR2)
-            with pytest.raises(SystemExit):
-                run_training(cfg, tmp_path)
+        with pytest.raises(SystemExit):
+            run_training(cfg, tmp_path, callbacks=[Interrupt(13, signal.SIGUSR2)])
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 12
@@ -483,9 +464,9 @@ def test_aioli_trajectory_names_groups_and_flags_probes(aioli_baseline):
 
 
 def test_callback_state_of_earlier_checkpoints_still_loads():
-    from aioli_repro.callback import STATE_VERSION, MixingCallback
     from aioli_repro.mixing.base import MixingContext
     from aioli_repro.mixing.static import Stratified
+    from aioli_repro.training.callbacks import STATE_VERSION, MixingCallback
 
     old = {
         "method": {"p": [0.5, 0.5]},

@@ -10,21 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
-from aioli_repro.callback import MixAnnouncer
 from aioli_repro.pipeline.recipes import derive, run_method, static_mixer
 from aioli_repro.pipeline.stage import Stage, stage_hash
-from aioli_repro.train import USER_ERRORS
+from aioli_repro.training.callbacks import MixAnnouncer
+from aioli_repro.training.preflight import USER_ERRORS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 BASE = ["scale=tiny", "logger=none", "progress=false", "num_threads=1", "train.max_steps=4"]
 
 
 def _cfg(cache_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=[*BASE, f"cache_dir={cache_dir}", *overrides])
+    return compose_config(*BASE, f"cache_dir={cache_dir}", *overrides)
 
 
 def _cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -114,7 +112,7 @@ def test_mix_lines_are_throttled_to_about_twenty_a_run(capsys):
 
 
 def test_a_run_prints_its_mixture_changes(make_cfg, tmp_path, capsys):
-    from aioli_repro.train import run_training
+    from aioli_repro.training.run import run_training
 
     cfg = make_cfg(
         "method=aioli",

@@ -7,15 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import MissingConfigException
+from conftest import compose_config
 from hydra.utils import instantiate
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.config import SETTINGS, validate_config
 from aioli_repro.mixing.base import MixingContext, StepStats
 from aioli_repro.mixing.skillit import SkillIt, lmo_matrix, skills_graph_from_losses
-from tests.conftest import CONF
 
 GROUPS3 = ["a", "b", "c"]
 # group 0 helps every group; 1 and 2 help mostly themselves (row = trained group)
@@ -182,12 +180,7 @@ def test_state_round_trip_gives_identical_trajectory():
 
 # -- configs ------------------------------------------------------------------------------------------
 def _compose(overrides: list[str]):
-    # conf/model and conf/data come from other work; skip (not fail) while a group file is missing
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            return compose("train", overrides=overrides)
-    except MissingConfigException as e:
-        pytest.skip(f"config group file not available yet: {e}")
+    return compose_config(*overrides)
 
 
 EXPECTED = {  # (update_steps, graph_steps, grid n_runs) per scale and m

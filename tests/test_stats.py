@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aioli_repro import headroom, stats, tables
-from aioli_repro.simplex import headroom_points, lattice_interior
+from aioli_repro.mixing.simplex import headroom_points, lattice_interior
+from aioli_repro.results import headroom, stats, tables
 
 SEEDS = range(5)
 
@@ -138,7 +138,7 @@ def test_headroom_points_and_best_static(tmp_path: Path) -> None:
 
 
 def test_claims_follow_the_preregistered_rule() -> None:
-    from aioli_repro.claims import claims
+    from aioli_repro.results.claims import claims
 
     strat = [20.0, 21.0, 19.0, 20.5, 19.5]
     jitter = [0.02, -0.02, 0.01, -0.01, 0.0]

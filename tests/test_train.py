@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from aioli_repro.mixing.base import MixingMethod, StepStats
-from aioli_repro.train import run_training
+from aioli_repro.training.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ mixture, and a method's new proportions apply to the very next step.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -18,7 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from aioli_repro.data.cache import PackedGroups
 from aioli_repro.data.sampler import MixtureSampler
 from aioli_repro.data.source import DataError
-from aioli_repro.mixing.base import Batch
+
+
+@dataclass
+class Batch:
+    """One training batch: token windows and the group of each row."""
+
+    tokens: torch.Tensor  # (B, T) int64
+    group_ids: torch.Tensor  # (B,) int64, index into the run's groups
 
 
 class _StepTickets(IterableDataset):

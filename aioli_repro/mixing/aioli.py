@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from aioli_repro.mixing.base import MixingContext, MixingMethod, StepStats
+from aioli_repro.mixing.simplex import softmax
 
 UPDATE_RULES = ("multiplicative", "ema_from_uniform")
 COMPOSITIONS = ("exact", "multinomial")
@@ -87,11 +88,6 @@ def normalize_A(A: np.ndarray) -> np.ndarray:
     if not np.isfinite(total) or total <= 0.0:
         return np.zeros_like(A)
     return A / total
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - np.max(x))
-    return z / z.sum()
 
 
 def _divisors(n: int) -> list[int]:
@@ -258,7 +254,7 @@ class Aioli(MixingMethod):
         self._counts = np.zeros((self.K, m))  # realised sequences per group, per probe interval
         # mixture state: log of the unnormalised EG weights (uniform at the start of the dynamic phase)
         self._logw = np.zeros(m)
-        self._p = _softmax(self._logw)
+        self._p = softmax(self._logw)
         self._A_ema: np.ndarray | None = None
         self._last_A: np.ndarray | None = None
         self._history: list[dict] = []
@@ -399,7 +395,7 @@ class Aioli(MixingMethod):
         else:
             self._logw = self.eta * grad
         self._logw -= self._logw.max()  # keeps exp() finite; p is unchanged
-        self._p = _softmax(self._logw)
+        self._p = softmax(self._logw)
         self._last_A = A
         self._history.append(
             {

@@ -9,7 +9,7 @@ Lightning's one training loop:
     [needs_validation(step) -> on_validation()]   the callback evaluates per-group val loss on request
     proportions(), composition()                  used by the sampler for the next batch
     is_probe()                                    whether those proportions are a probe (Aioli)
-    training_loss(batch, token_loss, module)      inside the training step (loss reweighting, DoGE)
+    training_loss(batch, seq_loss, step)          inside the training step (loss reweighting, DoGE)
     on_step_end(step, stats)                      after every optimizer step, with per-group train losses
 
 `step` is always the number of optimizer steps already taken (Lightning's global_step). A method
@@ -18,14 +18,16 @@ keeps all its state in `state_dict()`, which the callback stores in every checkp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from aioli_repro.lm_module import MixingLM
+from aioli_repro.data.datamodule import Batch
+
+__all__ = ["Batch", "MixingContext", "MixingMethod", "StepContext", "StepStats"]
 
 
 @dataclass
@@ -45,11 +47,21 @@ class MixingContext:
 
 
 @dataclass
-class Batch:
-    """One training batch: token windows and the group of each row."""
+class StepContext:
+    """What `training_loss` may use of the step being taken: nothing of Lightning or the module.
 
-    tokens: torch.Tensor  # (B, T) int64
-    group_ids: torch.Tensor  # (B,) int64, index into MixingContext.groups
+    `step` is the number of optimizer steps already taken (this step's index); `lr` is the learning rate
+    of this optimizer step; `val_sequences()` returns the whole val split, one (n, T) array per group
+    (DoGE draws its validation batch from it).
+    """
+
+    step: int
+    model: torch.nn.Module
+    model_config: Any
+    device: torch.device
+    lr: float
+    accumulate_grad_batches: int
+    val_sequences: Callable[[], list[np.ndarray]]
 
 
 @dataclass
@@ -70,10 +82,8 @@ class StepStats:
 class MixingMethod:
     """Base class: stratified behaviour everywhere; subclasses override what their method changes."""
 
-    #: registry/config name, e.g. "aioli"
+    #: the method's name, for messages and tests (configs name methods by `method.name`)
     name: str = "base"
-    #: True if the method only ever uses one fixed mixture (no callback work between steps)
-    static: bool = False
 
     def setup(self, ctx: MixingContext) -> None:
         self.ctx = ctx
@@ -106,7 +116,7 @@ class MixingMethod:
     def on_step_end(self, step: int, stats: StepStats) -> None:
         """Called after every optimizer step; `step` counts the steps now taken."""
 
-    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, module: MixingLM) -> torch.Tensor:
+    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, step: StepContext) -> torch.Tensor:
         """Scalar loss to backpropagate. `seq_loss` is (B,) per-sequence mean token loss.
 
         Default: the batch mean (sampling does the mixing). DoReMi reweights per group; DoGE

@@ -8,17 +8,14 @@ sampling, gradient = sum_i alpha_i clip(g_i)) -> a static run on the time-averag
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
-from aioli_repro.mixing.base import Batch, MixingContext
+from aioli_repro.mixing.base import Batch, MixingContext, StepContext
 from aioli_repro.model import lm_token_losses
-
-if TYPE_CHECKING:  # pragma: no cover
-    from aioli_repro.lm_module import MixingLM
 
 _RNG_TAG = 0xD06E  # keeps the val-sampling stream apart from the data sampler's (same run seed)
 
@@ -46,16 +43,15 @@ class DoGE(AveragedWeightsMethod):
     (mean_j ||g_j|| + 1e-6), clipped to [0, lr * score_clip] (the mean runs over all m groups, absent
     ones counting 0, as the official code); log a += score / mu; a = softmax (no smoothing). The
     returned loss is sum_i a_i * l_i / max(1, ||g_i||) with detached scale factors, so its backward
-    is exactly sum_i a_i clip(g_i) (norm <= 1, so the module's clip at 1.0 is a no-op).
+    is exactly sum_i a_i clip(g_i) (norm <= 1, so the trainer's clip at 1.0 is a no-op).
 
     Memory: only g_val and one g_i are alive at a time (two model-sized gradient buffers whatever m
     is); the official code kept an (m+1) x P float32 matrix on the host (5 GB at m=7).
     Cost: one val forward/backward, m backward passes through the retained train graph and the final
     backward of the returned loss. With gradient accumulation every micro-batch updates a.
 
-    Contract with the module: `module.model` (parameters with requires_grad), `module.device`,
-    `module.trainer.optimizers[0].param_groups[0]["lr"]` and
-    `module.trainer.datamodule.eval_sequences("val")`.
+    Uses of the step context: `step.model` (parameters with requires_grad), `step.device`, `step.lr`
+    and `step.val_sequences()`.
     """
 
     name = "doge"
@@ -89,10 +85,10 @@ class DoGE(AveragedWeightsMethod):
         self._val: list[np.ndarray] | None = None
 
     # -- validation batch -----------------------------------------------------------------------
-    def _val_batch(self, module: MixingLM) -> torch.Tensor:
+    def _val_batch(self, step: StepContext) -> torch.Tensor:
         if self._val is None:
             # The whole val split (the datamodule's cap only bounds evaluation cost), as the official code.
-            self._val = list(module.trainer.datamodule.eval_sequences("val")[0])
+            self._val = list(step.val_sequences())
         sizes = np.array([len(v) for v in self._val])
         if self.val_sampling == "pooled":  # uniform over all val sequences: groups weighted by val-set size
             flat = self.rng.integers(0, sizes.sum(), size=self.val_batch_size)
@@ -102,21 +98,21 @@ class DoGE(AveragedWeightsMethod):
             g = self.rng.integers(0, len(sizes), size=self.val_batch_size)
             i = self.rng.integers(0, sizes[g])
         rows = np.stack([self._val[gg][ii] for gg, ii in zip(g, i)]).astype(np.int64)
-        return torch.from_numpy(rows).to(module.device)
+        return torch.from_numpy(rows).to(step.device)
 
     # -- the step -------------------------------------------------------------------------------
-    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, module: MixingLM) -> torch.Tensor:
+    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, step: StepContext) -> torch.Tensor:
         m = self.ctx.m
-        params = [p for p in module.model.parameters() if p.requires_grad]
+        params = [p for p in step.model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("DoGE needs trainable parameters in module.model")
+            raise ValueError("DoGE needs trainable parameters in the model")
 
         def grads_of(loss: torch.Tensor, retain: bool) -> tuple[torch.Tensor, ...]:
             gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
             return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(gs, params))
 
         # (1) validation gradient; its graph is separate from the train graph and freed right away.
-        val_loss = lm_token_losses(module.model, self._val_batch(module)).float().mean()
+        val_loss = lm_token_losses(step.model, self._val_batch(step)).float().mean()
         g_val = grads_of(val_loss, retain=False)
         val_coef = _clip_coef(_grad_norm(g_val))
 
@@ -139,7 +135,7 @@ class DoGE(AveragedWeightsMethod):
         del g_val
 
         # (3) scores and the EGD step on log alpha (one host sync).
-        lr = float(module.trainer.optimizers[0].param_groups[0]["lr"])
+        lr = float(step.lr)
         dots_np, norms_np = dots.detach().double().cpu().numpy(), norms.detach().double().cpu().numpy()
         self.scores = np.clip(lr * dots_np / (norms_np.mean() + 1e-6), 0.0, lr * self.score_clip)
         # kept in log space (log-softmax) so a weight driven towards 0 cannot underflow and stick there

@@ -9,17 +9,15 @@ the time-average of alpha (`final_proportions`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
-from aioli_repro.mixing.base import Batch, MixingContext
+from aioli_repro.mixing.base import Batch, MixingContext, StepContext
+from aioli_repro.mixing.simplex import softmax
 from aioli_repro.model import build_model, lm_token_losses, load_decoder_state
-
-if TYPE_CHECKING:  # pragma: no cover
-    from aioli_repro.lm_module import MixingLM
 
 
 class DoReMi(AveragedWeightsMethod):
@@ -41,10 +39,10 @@ class DoReMi(AveragedWeightsMethod):
     when the step began (the previous step's update), so one step's gradient and update do not depend
     on how its batch is split. (The official trainer discarded the first micro-batch's losses.)
 
-    Contract with the module (all `training_loss` touches): `module.model` (the proxy decoder),
-    `module.model_config` (to build the reference), `module.device`, and
-    `module.trainer.accumulate_grad_batches`. The reference checkpoint comes from the constructor or
-    `ctx.extras["reference_checkpoint"]`; alternatively set `reference_model` before training.
+    Uses of the step context (all `training_loss` touches): `step.model` (the proxy decoder),
+    `step.model_config` (to build the reference), `step.device` and `step.accumulate_grad_batches`.
+    The reference checkpoint comes from the constructor or `ctx.extras["reference_checkpoint"]`;
+    alternatively set `reference_model` before training.
     """
 
     name = "doremi"
@@ -102,7 +100,7 @@ class DoReMi(AveragedWeightsMethod):
         self._micro = 0
 
     # -- reference ------------------------------------------------------------------------------
-    def _reference(self, module: MixingLM) -> torch.nn.Module:
+    def _reference(self, step: StepContext) -> torch.nn.Module:
         if self.reference_model is None:
             if not self.reference_checkpoint:
                 raise ValueError(
@@ -110,13 +108,13 @@ class DoReMi(AveragedWeightsMethod):
                     "extras['reference_checkpoint'] (the stratified run's checkpoint)"
                 )
             with torch.random.fork_rng(devices=[]):  # the throw-away init must not shift the run's RNG
-                ref = build_model(module.model_config)
+                ref = build_model(step.model_config)
             ref.load_state_dict(load_decoder_state(self.reference_checkpoint))
             self.reference_model = ref
         ref = self.reference_model
         # Same dtype as the proxy's parameters; mixed precision comes from the surrounding autocast.
-        proxy_param = next(module.model.parameters())
-        ref.to(device=module.device, dtype=proxy_param.dtype)
+        proxy_param = next(step.model.parameters())
+        ref.to(device=step.device, dtype=proxy_param.dtype)
         ref.eval()
         ref.requires_grad_(False)
         return ref
@@ -125,16 +123,16 @@ class DoReMi(AveragedWeightsMethod):
     def proportions(self) -> np.ndarray:
         return self.alpha if self.reweight_by == "sample" else self._p
 
-    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, module: MixingLM) -> torch.Tensor:
+    def training_loss(self, batch: Batch, seq_loss: torch.Tensor, step: StepContext) -> torch.Tensor:
         m = self.ctx.m
         gids = batch.group_ids.to(seq_loss.device)
-        ref = self._reference(module)
+        ref = self._reference(step)
         with torch.no_grad():  # the official code forgot this and kept the reference graph alive
             ref_tok = lm_token_losses(ref, batch.tokens).float()
             if self.clip == "group":
                 excess_rows = ref_tok.mean(dim=1)  # reference per-sequence loss
             else:  # per-token excess needs the proxy's token losses: one extra no-grad forward
-                proxy_tok = lm_token_losses(module.model, batch.tokens).float()
+                proxy_tok = lm_token_losses(step.model, batch.tokens).float()
                 excess_rows = (proxy_tok - ref_tok).clamp_min(0).mean(dim=1)
             rows = torch.stack([seq_loss.detach(), excess_rows, torch.ones_like(excess_rows)]).double()
             sums = torch.zeros(3, m, dtype=torch.float64, device=seq_loss.device).index_add_(1, gids, rows)
@@ -143,7 +141,7 @@ class DoReMi(AveragedWeightsMethod):
         self._sum_excess += sums[1]
         self._count += sums[2]
 
-        accumulate = max(1, int(getattr(module.trainer, "accumulate_grad_batches", 1) or 1))
+        accumulate = max(1, int(step.accumulate_grad_batches))
         self._micro += 1
         updated_first = self.weight_with == "updated" and accumulate == 1
         if updated_first:
@@ -173,8 +171,7 @@ class DoReMi(AveragedWeightsMethod):
             excess = self._sum_excess / n
         self.scores = np.where(present, excess, self.scores)
         log_a = np.log(self.alpha) + self.mu * self.scores
-        a = np.exp(log_a - log_a.max())
-        a /= a.sum()
+        a = softmax(log_a)
         self._record((1.0 - self.smoothing) * a + self.smoothing / self.ctx.m)
         self._reset_window()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from aioli_repro.mixing.base import MixingContext, MixingMethod, StepStats
+from aioli_repro.mixing.simplex import softmax
 
 
 def skills_graph_from_losses(L_start: np.ndarray, L_end: np.ndarray) -> np.ndarray:
@@ -67,11 +68,6 @@ def load_graph(graph: Sequence[Sequence[float]] | str | Path) -> np.ndarray:
             return np.asarray(obj, dtype=np.float64)
         raise ValueError(f"method.mixer.graph: unsupported file type {path.suffix!r}; use .npy or .json")
     return np.asarray([list(row) for row in graph], dtype=np.float64)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - np.max(x))
-    return z / z.sum()
 
 
 class SkillIt(MixingMethod):
@@ -145,7 +141,7 @@ class SkillIt(MixingMethod):
             raise ValueError(f"method.mixer.graph: need a finite ({ctx.m}, {ctx.m}) matrix, got {G.shape}")
         self.G = G
         # official initial weights: exp(η·G·1), the row sums ("how much training on i helps everyone")
-        self._p = _softmax(self.eta * G.sum(axis=1)) if self.init == "graph" else np.full(ctx.m, 1.0 / ctx.m)
+        self._p = softmax(self.eta * G.sum(axis=1)) if self.init == "graph" else np.full(ctx.m, 1.0 / ctx.m)
         self.history: list[tuple[int, list[float]]] = []  # (step, per-group val loss)
         self._step = 0
         self._last_validated = -1
@@ -201,7 +197,7 @@ class SkillIt(MixingMethod):
         logits = self.eta * (self.G @ ell)  # = η Σ_i A^t_ij with A^t = diag(ℓ) Gᵀ
         if self.accumulate:
             logits = logits + np.log(np.maximum(self._p, 1e-300))
-        self._p = _softmax(logits)
+        self._p = softmax(logits)
         self._last_A = lmo_matrix(self.G, ell)
         self._n_updates += 1
         self._metrics_pending = True

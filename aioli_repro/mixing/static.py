@@ -12,14 +12,12 @@ class Stratified(MixingMethod):
     """p_i = 1/m for the whole run: the paper's baseline."""
 
     name = "stratified"
-    static = True
 
 
 class Static(MixingMethod):
     """A fixed mixture given in config (grid points, DML/DoReMi/DoGE final runs, one-hot graph runs)."""
 
     name = "static"
-    static = True
 
     def __init__(
         self, proportions: Sequence[float] | dict[str, float], composition: str = "multinomial"

@@ -21,27 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from aioli_repro.fileio import file_lock
-
-# Keys that do not change what a run computes, so they stay out of the stage hash.
-_NOT_HASHED = (
-    "progress",
-    "progress_refresh",
-    "num_threads",
-    "run_name",
-    "logger",
-    "cache_dir",
-    "results_dir",
-    "hp",
-)
-
-
-def stage_identity(cfg: DictConfig, extras: dict | None = None) -> dict:
-    """The resolved config that determines a run's results (plus stage inputs such as a reference path)."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    ident = {k: v for k, v in full.items() if k not in _NOT_HASHED}
-    ident["method"] = {"mixer": full["method"]["mixer"]}  # the method's name is a label, its mixer is the run
-    ident["extras"] = {k: v for k, v in (extras or {}).items() if k != "prior_tokens"}
-    return ident
+from aioli_repro.training.identity import stage_identity
 
 
 def stage_hash(cfg: DictConfig, extras: dict | None = None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aioli_repro.callback import trajectory_records
+from aioli_repro.training.callbacks import trajectory_records
 
 
 def step_curve(records: list[dict], groups: list[str], end: int) -> tuple[np.ndarray, np.ndarray]:

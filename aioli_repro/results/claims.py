@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from aioli_repro.stats import fmt_paired, paired
-from aioli_repro.tables import BASELINES, METHOD_LABELS, SETTINGS, by_seed, to_markdown
+from aioli_repro.results.stats import fmt_paired, paired
+from aioli_repro.results.tables import BASELINES, METHOD_LABELS, SETTINGS, by_seed, to_markdown
 
 
 def _verdicts(cells: pd.DataFrame, method: str) -> dict[str, str]:

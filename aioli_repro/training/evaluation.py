@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from aioli_repro.mixing.simplex import average_perplexity
 from aioli_repro.model import lm_token_losses
 
 
@@ -19,7 +20,7 @@ def group_perplexities(losses: np.ndarray) -> np.ndarray:
 
 def avg_ppl(losses: np.ndarray) -> float:
     """The paper's "average test perplexity": mean over groups of exp(group loss)."""
-    return float(np.mean(group_perplexities(losses)))
+    return float(average_perplexity(losses))
 
 
 def ppl_of_mean_loss(losses: np.ndarray) -> float:

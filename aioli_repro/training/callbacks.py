@@ -145,7 +145,6 @@ class MixingCallback(L.Callback):
                 extras=self.extras,
             )
             self.method.setup(ctx)
-        pl_module.mixing_method = self.method
         self._is_setup = True
         if self.announce:
             self.announcer = MixAnnouncer(self.groups, int(trainer.max_steps))

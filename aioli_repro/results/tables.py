@@ -1,4 +1,4 @@
-"""Paper tables from the `results.load_runs` frame: Table 2 (unrestricted) and Table 3 (restricted).
+"""Paper tables from the `results.load.load_runs` frame: Table 2 (unrestricted) and Table 3 (restricted).
 
 Each builder returns `(DataFrame of formatted cells, markdown)`; the numbers behind the cells are kept
 as plain records in `table.attrs["cells"]` (used by `plot_table` and `paper_side_by_side`).
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aioli_repro.stats import LEVEL, Paired, fmt_paired, paired, wins_text
+from aioli_repro.results.stats import LEVEL, Paired, fmt_paired, paired, wins_text
 
 SETTINGS = ("A/SE", "GH/C4", "B/SE", "A/B/SE", "CC/GH/W", "SlimPajama")
 # pipeline method name -> row label, in the paper's row order
@@ -143,8 +143,9 @@ def table2_cells(
 
     Stratified is absolute (mean, sd over seeds); every other row is paired with stratified over the seeds
     both have (`stats.paired`: mean difference, sd of the differences, 95% interval, verdict). `headroom`
-    (from `headroom.best_static`) adds the best static mixture's row: per-seed test avg ppl of the point
-    chosen by mean val avg ppl. `settings` / `methods`: which to include (default: every one present).
+    (from `results.headroom.best_static`) adds the best static mixture's row: per-seed test avg ppl of
+    the point chosen by mean val avg ppl. `settings` / `methods`: which to include (default: every one
+    present).
     """
     d = _scale_rows(df, scale)
     if "variant" in d:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from aioli_repro.config import ConfigError
-from aioli_repro.evaluation import evaluate_groups
-from aioli_repro.mixing.base import Batch, MixingMethod, StepStats
+from aioli_repro.mixing.base import Batch, MixingMethod, StepContext, StepStats
 from aioli_repro.model import GPTNeoX, ModelConfig, build_model, lm_token_losses
-from aioli_repro.run_logging import JsonlLogger
+from aioli_repro.training.evaluation import evaluate_groups
+from aioli_repro.training.loggers import JsonlLogger
 
 _CKPT_KEY = "aioli_repro"  # our extra state in every Lightning checkpoint
 
@@ -107,7 +107,6 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -145,6 +144,7 @@ class MixingLM(L.LightningModule):
         eval_batch_size: int = 16,
         log_every: int = 10,
         compile: bool = False,
+        method: MixingMethod | None = None,
     ) -> None:
         super().__init__()
         self.model_config = model
@@ -155,7 +155,8 @@ class MixingLM(L.LightningModule):
         self.log_every = log_every
         self.model: GPTNeoX = build_model(model)
         self.compile = compile
-        self.mixing_method: MixingMethod | None = None  # attached by MixingCallback
+        # the method whose training_loss shapes each step (the MixingCallback drives the rest of it)
+        self.mixing_method = method
         self.last_stats: StepStats | None = None
         m = len(self.groups)
         # running per-group train loss between logging points; device-resident, no per-step sync
@@ -185,7 +186,7 @@ class MixingLM(L.LightningModule):
         token_loss = lm_token_losses(self.model, batch.tokens)
         seq_loss = token_loss.float().mean(dim=1)
         method = self.mixing_method
-        loss = method.training_loss(batch, seq_loss, self) if method is not None else seq_loss.mean()
+        loss = method.training_loss(batch, seq_loss, self._step_context()) if method else seq_loss.mean()
         detached = seq_loss.detach()
         m = len(self.groups)
         sums = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, detached)
@@ -203,6 +204,17 @@ class MixingLM(L.LightningModule):
             "train/loss", loss.detach(), on_step=True, prog_bar=True, logger=False, batch_size=len(seq_loss)
         )
         return loss
+
+    def _step_context(self) -> StepContext:
+        return StepContext(
+            step=int(self.global_step),
+            model=self.model,
+            model_config=self.model_config,
+            device=self.device,
+            lr=float(self.trainer.optimizers[0].param_groups[0]["lr"]),
+            accumulate_grad_batches=max(1, int(self.trainer.accumulate_grad_batches or 1)),
+            val_sequences=lambda: self.trainer.datamodule.eval_sequences("val")[0],
+        )
 
     def _guard_finite(self, loss: torch.Tensor, sums: torch.Tensor, cnts: torch.Tensor) -> None:
         """Stop on a NaN/inf loss before it reaches the weights (CPU) or before any checkpoint (GPU)."""
@@ -346,16 +358,6 @@ class MixingLM(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, self.max_steps) / o.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        if self.optim.grad_clip and self.optim.grad_clip > 0:
-            clip = self.optim.grad_clip
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, split: str, max_seqs: int | None = None, use_cache: bool = True) -> np.ndarray:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from aioli_repro.stats import fmt_paired, paired
-from aioli_repro.tables import by_seed
+from aioli_repro.results.stats import fmt_paired, paired
+from aioli_repro.results.tables import by_seed
 
 GRID_COLUMNS = ["setting", "seed", "point", "p", "val_avg_ppl", "test_avg_ppl"]
 

@@ -98,6 +98,12 @@ def headroom_points(m: int) -> np.ndarray:
     return np.vstack([dirichlet_cover(m, 20, seed=0), tilted])
 
 
+def softmax(x: np.ndarray) -> np.ndarray:
+    """The point of the simplex proportional to exp(x) (shifted by max(x), so it cannot overflow)."""
+    z = np.exp(x - np.max(x))
+    return z / z.sum()
+
+
 def average_perplexity(val_losses: np.ndarray) -> np.ndarray:
     """Mean over groups of exp(per-group loss): the paper's "average (test) perplexity" metric."""
     return np.exp(np.asarray(val_losses, dtype=np.float64)).mean(axis=-1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aioli_repro.tables import SETTINGS
+from aioli_repro.results.tables import SETTINGS
 
 
 def round_records(frame: pd.DataFrame, methods: tuple[str, ...] = ("aioli",)) -> pd.DataFrame:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, stats
 
+from aioli_repro.mixing.simplex import softmax
+
 
 # ---------------------------------------------------------------------------------------------------
 # static log-linear law
@@ -184,9 +186,6 @@ def fit_log_linear(
 # ---------------------------------------------------------------------------------------------------
 # optimisation over the simplex
 # ---------------------------------------------------------------------------------------------------
-def _softmax(y: np.ndarray) -> np.ndarray:
-    z = np.exp(y - np.max(y))
-    return z / z.sum()
 
 
 def _project(p: np.ndarray) -> np.ndarray:
@@ -212,7 +211,7 @@ def minimize_on_simplex(
     rng = np.random.default_rng(seed)
 
     def g(y: np.ndarray) -> float:
-        v = float(f(_softmax(y)))
+        v = float(f(softmax(y)))
         return v if np.isfinite(v) else np.inf
 
     cands: list[tuple[float, np.ndarray]] = []
@@ -224,7 +223,7 @@ def minimize_on_simplex(
             method="Nelder-Mead",
             options={"maxiter": 4000 * m, "xatol": 1e-10, "fatol": 1e-14, "adaptive": m > 3},
         )
-        p = _softmax(res.x)
+        p = softmax(res.x)
         cands.append((float(f(p)), p))
     for j in range(m):
         v = np.eye(m)[j]

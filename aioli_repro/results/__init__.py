@@ -1,0 +1,1 @@
+"""Results: loading run summaries and W&B logs, statistics, tables, plots and claims."""

@@ -1,0 +1,1 @@
+"""Training: the Lightning module, its callbacks, evaluation, loggers and one training run."""
