@@ -173,6 +173,17 @@ _PRECISIONS = ("auto", "transformer-engine", "transformer-engine-float16", "16-t
 # Every field of `conf/` outside the options of a `_target_` class (data.source.*, method.mixer.*; the
 # hp.* values they interpolate), by dotted path. tests/test_config_fields.py checks each with bad values,
 # and that every leaf of the composed configs is here.
+# Lightning strategies for one run (multi-device runs are refused for now: see training/preflight.py)
+_STRATEGIES = (
+    "auto",
+    "single_device",
+    "ddp",
+    "ddp_spawn",
+    "ddp_find_unused_parameters_true",
+    "fsdp",
+    "deepspeed",
+)
+
 FIELDS: dict[str, Field] = {
     # top level
     "seed": _int(0),
@@ -183,6 +194,7 @@ FIELDS: dict[str, Field] = {
     "num_threads": _int(1, null="torch's default"),
     "run_name": _STR,
     "scale_name": _STR,
+    "keep_checkpoints": Field("bool", optional=True),
     # groups (names first: other fields interpolate by_m on it)
     "groups.names": Field("names"),
     "groups.key": _STR,
@@ -207,6 +219,7 @@ FIELDS: dict[str, Field] = {
     # trainer
     "trainer.accelerator": Field("choice", choices=("auto", "cpu", "gpu", "cuda", "mps", "tpu")),
     "trainer.devices": Field("devices"),
+    "trainer.strategy": Field("choice", choices=_STRATEGIES, optional=True),
     "trainer.precision": Field("choice", choices=_PRECISIONS),
     "trainer.deterministic": Field("choice", choices=(True, False, "warn"), optional=True),
     "trainer.slurm_requeue": Field("bool", optional=True),

@@ -90,10 +90,13 @@ class Pipeline:
             d / "stage.json", {"name": stage.name, "inputs": stage.inputs, "extras": stage.extras}
         )
         try:
-            return run_training(stage.cfg, d, extras=stage.extras, checked=checked)
+            summary = run_training(stage.cfg, d, extras=stage.extras, checked=checked)
         except BaseException:  # failed before training wrote anything (e.g. reading the data): no folder
             remove_if_unused(d, unused=_UNUSED_STAGE_FILES)
             raise
+        if not self.cfg.get("keep_checkpoints", False):
+            drop_checkpoints(d, keep_weights=_weights_loaded_later(stage.cfg))
+        return summary
 
     def check(self) -> None:
         """Fail before the first stage on what would fail a later one: the config, the data, and the
@@ -329,6 +332,21 @@ def time_average(records: list[dict], groups: list[str], max_steps: int) -> np.n
 def final_stage(cfg: DictConfig, name: str, learned: Learned) -> Stage:
     """The full-length static run on the learned mixture."""
     return Stage("final", derive(cfg, name, static_mixer(learned.p)), inputs=learned.inputs)
+
+
+def _weights_loaded_later(cfg: DictConfig) -> bool:
+    """Stratified runs are the only stages whose final weights another stage loads (DoReMi's reference,
+    the dynamic law's parent); a stage folder is shared, so this cannot depend on the current recipe."""
+    return cfg.method.mixer.get("_target_") == STRATIFIED["_target_"]
+
+
+def drop_checkpoints(run_dir: Path, keep_weights: bool) -> None:
+    """A finished stage is never resumed: delete its `last.ckpt` (optimizer state included: about 2 GB at
+    160M), and its weights-only `final.ckpt` unless a later stage loads it. Summary and metrics stay."""
+    ckpt = Path(run_dir) / "checkpoints"
+    (ckpt / "last.ckpt").unlink(missing_ok=True)
+    if not keep_weights:
+        (ckpt / "final.ckpt").unlink(missing_ok=True)
 
 
 def _named(p: np.ndarray, groups: list[str]) -> dict[str, float]:

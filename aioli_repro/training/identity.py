@@ -18,6 +18,7 @@ _NOT_HASHED = (
     "cache_dir",
     "results_dir",
     "hp",
+    "keep_checkpoints",  # what a pipeline deletes after a stage finished
     "restricted",  # read only by the restricted pipeline, which hashes it itself (pipeline/restricted.py)
 )
 
@@ -25,7 +26,7 @@ _NOT_HASHED = (
 # stage hash (and every checkpoint's resume check) still holds. Both tables are {section: {key: ...}}.
 # Keys that never change what a run computes: never part of the identity, whatever their value.
 _NOT_HASHED_NESTED: dict[str, tuple[str, ...]] = {
-    "trainer": ("slurm_requeue", "requeue_signal"),
+    "trainer": ("slurm_requeue", "requeue_signal", "strategy"),
     "data": ("verify_checksums", "rebuild_on_mismatch"),
 }
 # Keys that do change results, at the value they implicitly had before they were declared (the code's

@@ -71,8 +71,10 @@ def preflight(
     the tokenizer against the model, and (`check_inputs`) the files earlier stages produce; a pipeline
     checks its plan before those exist."""
     validate_config(cfg)
+    check_devices(cfg)
     groups = list(cfg.groups.names)
     model_cfg: ModelConfig = build(cfg.model, "model")
+    warn_if_slow_on_cpu(cfg, model_cfg)
     method = method if method is not None else build(cfg.method.mixer, "method.mixer")
     t = cfg.train
     try:
@@ -89,6 +91,48 @@ def preflight(
     precision = resolve_precision(str(cfg.trainer.precision))
     return Preflight(
         groups, model_cfg, method, source, tokenizer, precision, init_checkpoint, plugins, requeue_signal
+    )
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """The accelerator asked for exists here, and the run fits one process (one line, not a traceback)."""
+    tr = cfg.trainer
+    if str(tr.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator: {tr.accelerator!r} but no CUDA GPU is visible on this machine; use "
+            "trainer=default (CPU here, the GPU where there is one) or run on a GPU node"
+        )
+    devices = tr.devices
+    if isinstance(devices, int) and devices > 1 or not isinstance(devices, int) and str(devices) != "1":
+        raise ConfigError(
+            f"trainer.devices: {devices!r}: a run trains on one device for now (multi-device DDP is not "
+            "supported yet: it would draw the same batches on every rank); use trainer.devices=1 and run "
+            "the sweep's jobs in parallel instead"
+        )
+
+
+_CPU_FLOPS = 1e11  # a generous multi-core CPU in fp32 (FLOP/s), for the projection below
+_warned_slow: set[str] = set()
+
+
+def warn_if_slow_on_cpu(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    """A paper-size run on a CPU: say once, with the projected time, before it starts."""
+    if torch.cuda.is_available() or str(cfg.trainer.accelerator) not in ("auto", "cpu"):
+        return
+    d, layers, t = model_cfg.d_model, model_cfg.n_layer, cfg.train
+    params = 12 * layers * d * d + 2 * model_cfg.vocab_size * d
+    flops = 6 * params * int(t.batch_size) * int(t.context_length) * int(t.max_steps)
+    hours = flops / _CPU_FLOPS / 3600
+    key = f"{params}-{t.max_steps}"
+    if hours < 1 or key in _warned_slow:
+        return
+    _warned_slow.add(key)
+    size, steps, rate = f"{params / 1e6:.0f}M", int(t.max_steps), f"{_CPU_FLOPS / 1e9:.0f} GFLOP/s"
+    print(
+        f"[aioli_repro] warning: no GPU here: a {size}-parameter run of {steps} steps needs about "
+        f"{hours:,.0f} h on a CPU even at {rate} (scale={cfg.get('scale_name')}); the CPU scales are "
+        "scale=miniature / smoke",
+        file=sys.stderr,
     )
 
 

@@ -190,6 +190,7 @@ def _trainer(
         precision=checked.precision,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        strategy=str(cfg.trainer.get("strategy") or "auto"),
         logger=loggers,
         callbacks=callbacks,
         log_every_n_steps=t.log_every,
