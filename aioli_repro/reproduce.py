@@ -4,6 +4,9 @@
     python -m aioli_repro.reproduce table3 --scale tiny|paper|auto [--fraction 0.5] [--prior-steps N]
     python -m aioli_repro.reproduce table2 --scale tiny --dry-run   # the job list and what is done
     python -m aioli_repro.reproduce detect-scale                    # what --scale auto picks, and why
+    python -m aioli_repro.reproduce table2 --scale paper --launcher slurm [hydra.launcher.partition=P]
+    python -m aioli_repro.reproduce table2 --scale paper --status   # pending / running / done / failed
+    python -m aioli_repro.reproduce table2 --scale paper --collect  # the table from what has finished
 
 1. The sweep: every (setting x method x seed) of the experiment configs `conf/experiment/table2.yaml`
    (m = 2, 3) and `table2_m7.yaml` (m = 7, fewer seeds), or `table3*.yaml` for the restricted setting,
@@ -15,11 +18,21 @@
                         tiny, 1 otherwise); the fastest on a CPU
      local              Hydra multirun, basic launcher (`python -m aioli_repro.run -m experiment=...`)
      local_parallel     Hydra multirun with joblib, --n-jobs pipelines at a time, one torch thread each
-     slurm              Hydra multirun with submitit: slurm_rtx6000ada for m = 2, 3, slurm_a100 for m = 7
-     slurm_rtx6000ada / slurm_a100    one of the two for every job
+     slurm              submit and exit (`pipeline.submit`): one sbatch job per pending pipeline, with
+                        the resources of slurm_rtx6000ada for m = 2, 3 and slurm_a100 for m = 7
+                        (`hydra.launcher.<field>=V` for every job, `hydra.launcher.<launcher>.<field>=V`
+                        for one node type), DML / DoReMi as `--dependency=afterok:` jobs of the grid /
+                        stratified job they reuse; record in <results-dir>/slurm/submitted.json. Run it
+                        again to resubmit what failed (queued and finished jobs are skipped); follow the
+                        sweep with --status and build the table with --collect
+     slurm_rtx6000ada / slurm_a100    Hydra multirun with submitit (blocking), one of the two for every job
    With a Hydra launcher, the methods run in two phases (stratified, grid, skillit, doge, aioli; then
    dml and doremi, which reuse grid's sweep and the stratified run), so parallel jobs never wait on a
    stage another job is training.
+   --status (any launcher): per job pending / running / done / failed / not submitted, and totals, from
+   the results directory (summary.json = done), submitted.json, squeue and sacct. --collect: the table
+   from the finished pipelines (missing cells are "—") and how many cells are missing; exit 0, also when
+   nothing has finished yet (then no table is written).
 2. `results.load.load_runs` reads the pipelines of exactly this job list (summary.json, or W&B offline runs).
 3. `results.tables.build_table2` / `build_table3` -> `<out-dir>/table2.{csv,md,png}` (+ `table2_vs_paper.md`).
 4. The table and the wall time are printed.
@@ -42,6 +55,7 @@ from pathlib import Path
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.launch import default_n_jobs, fmt_seconds, run_hydra, run_inprocess
+from aioli_repro.pipeline.submit import cell_counts, status_lines, submit
 from aioli_repro.pipeline.sweep import (
     LAUNCHERS,
     budget_line,
@@ -94,6 +108,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-run", action="store_true", help="only build the table from finished pipelines")
     p.add_argument("--dry-run", action="store_true", help="print the job list (done / pending) and exit")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="per job: pending / running / done / failed / not submitted (results dir, squeue, sacct)",
+    )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="build the table from the finished pipelines (as --no-run) and say how many cells are missing",
+    )
     p.add_argument("--verbose", action="store_true", help="progress bars and every stage line")
     return p
 
@@ -146,6 +170,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         for j in jobs:
             print(f"{'done   ' if j.done else 'pending'} {j.label:<34} {' '.join(j.overrides)}")
         return 0
+    if args.status:
+        print("\n".join(status_lines(table, jobs, results_dir)), flush=True)
+        return 0
+    if args.collect:
+        args.no_run = True
+        if not any(j.done for j in jobs):
+            print(
+                f"[reproduce] --collect: none of the {n} {unit} has finished yet under {results_dir}: no "
+                f"table to build (see --status)",
+                flush=True,
+            )
+            return 0
+    if pending and not args.no_run and args.launcher == "slurm":
+        # the cluster path: submit every pending job and return (nothing here waits for them)
+        failures = submit(table, jobs, results_dir, "slurm", overrides, args.verbose)
+        print(
+            "[reproduce] nothing waits for the jobs. Follow the sweep: the same command with --status; build "
+            "the table from what has finished: the same command with --collect"
+            + ("; run the same command again to submit the rest" if failures else ""),
+            flush=True,
+        )
+        for job, err in failures:
+            print(f"[reproduce] FAILED {job.label}: {err}", file=sys.stderr)
+        return 1 if failures else 0
 
     failures: list = []
     if pending and not args.no_run:
@@ -169,10 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[reproduce] wall time {fmt_seconds(time.time() - t0)} ({time.time() - t0:.1f} s; "
         f"sweep {run_s:.1f} s): "
         f"{n} {unit}, {n - len(pending)} already done, {max(trained, 0)} run now"
-        + (f", {len(pending)} not run (--no-run)" if args.no_run and pending else "")
+        + (
+            f", {len(pending)} not run ({'--collect' if args.collect else '--no-run'})"
+            if args.no_run and pending
+            else ""
+        )
         + (f", {len(failures)} failed" if failures else ""),
         flush=True,
     )
+    if args.collect:
+        cells, missing, partial = cell_counts(jobs)
+        print(
+            f"[reproduce] --collect: {sum(j.done for j in jobs)} of {n} {unit} finished; {missing} of "
+            f"{cells} cells (setting x method) have no finished run (shown as —)"
+            + (f", {partial} more have fewer seeds than planned" if partial else ""),
+            flush=True,
+        )
     for job, err in failures:
         print(f"[reproduce] FAILED {job.label if job else ''}: {err}", file=sys.stderr)
     return 1 if failures else 0

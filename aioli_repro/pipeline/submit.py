@@ -1,0 +1,595 @@
+"""A sweep on a SLURM cluster without a process that waits for it: submit, follow, collect.
+
+    python -m aioli_repro.reproduce table2 --scale paper --launcher slurm hydra.launcher.partition=P
+    python -m aioli_repro.reproduce table2 --scale paper --status     # pending / running / done / failed
+    python -m aioli_repro.reproduce table2 --scale paper --collect    # the table from what has finished
+
+`submit` writes one sbatch script per pending pipeline job (a `sweep.Job`: one setting x method x seed;
+Table 3: the base and +Aioli pipelines of one baseline) to `<results_dir>/slurm/scripts/<run key>.sbatch`,
+submits each with `sbatch --parsable` and returns: nothing here waits for a job. Each script runs the
+job's pipeline entry point with exactly its overrides, `srun python -m <ENTRYPOINT[table]> <overrides>`, as
+the in-process worker composes it (`progress=false` unless --verbose). Its resources come from the
+matching submitit launcher config, `conf/hydra/launcher/<SLURM_BY_EXPERIMENT[experiment]>.yaml` (m = 2, 3:
+slurm_rtx6000ada, m = 7: slurm_a100): partition, account, qos, constraint, gres or gpus_per_node, nodes,
+tasks_per_node, cpus_per_task, mem_gb, timeout_min, additional_parameters and the setup lines.
+`hydra.launcher.<field>=V` on the command line sets a field for every job, and
+`hydra.launcher.<launcher>.<field>=V` (e.g. `hydra.launcher.slurm_a100.partition=a100`) for the jobs of one
+launcher only; the submitit-only fields (max_num_timeout, array_parallelism, submitit_folder, name) do not
+apply here.
+
+Preemption and time limits: `--signal=<trainer.requeue_signal>@<signal_delay_s>` (SIGUSR1 by default,
+`aioli_repro.training.slurm`) and `--requeue`. The training code saves a checkpoint at the next step
+boundary on that signal and `scontrol requeue`s its own job; the requeued job (same id, same log file,
+`--open-mode=append`) re-runs the pipeline, which skips finished stages and resumes the interrupted one.
+The run is a job step (`srun`) because sbatch signals the job steps, not the batch shell.
+
+Dependencies are SLURM dependencies. A method that reuses another method's stages (`sweep.DEPENDS_ON`:
+DML reuses grid's sweep, DoReMi the stratified run as its reference, for the same setting and seed) is
+submitted with `--dependency=afterok:<id of that job> --kill-on-invalid-dep=yes` when that job is
+submitted now or still queued from an earlier submit, and without a dependency when it has finished (or is
+not part of this sweep: then the dependent job trains those stages itself). If the prerequisite fails,
+SLURM cancels the dependent job, and the next submit resubmits both. Skill-It's graph runs and Table 3's
++Aioli pipeline are stages inside one pipeline job, run in order by that job: they need no SLURM dependency.
+
+`<results_dir>/slurm/submitted.json` (written atomically after every sbatch, merged with earlier submits,
+keyed by the job's first pipeline directory name) records per job its run keys, stage hash, overrides,
+SLURM job id, dependency, script, launcher and time, and the ids of earlier submissions of it. A second
+submit skips jobs that are done (every pipeline has its summary.json) and jobs whose SLURM job is still
+pending or running (`squeue -h -o "%i %T" -j <ids>`), and resubmits the others (failed, cancelled, timed
+out, or gone from the queue without a summary). `status` tells pending / running / done / failed / not
+submitted from the same files, squeue and, when present, `sacct -n -P -o JobID,State -j <ids>`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from aioli_repro.fileio import atomic_write_json, file_lock
+from aioli_repro.pipeline.sweep import (
+    CONF,
+    DEPENDS_ON,
+    ENTRYPOINT,
+    LATE_METHODS,
+    SLURM_BY_EXPERIMENT,
+    Job,
+    default_cache_dir,
+)
+
+SLURM_LAUNCHERS = tuple(sorted(set(SLURM_BY_EXPERIMENT.values())))
+SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT")  # what aioli_repro.training.slurm accepts
+# squeue's %T states: waiting to start, and started (anything else is a finished job still listed)
+QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD"}
+STARTED = {
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESIZING",
+}
+STATES = ("done", "running", "pending", "failed", "not submitted", "submitted")  # the last: no squeue
+# submitit fields that have no meaning for one sbatch job per pipeline
+SUBMITIT_ONLY = {"_target_", "max_num_timeout", "array_parallelism", "submitit_folder", "name"}
+# submitit queue fields that the launcher yaml files do not list (all optional)
+EXTRA_FIELDS = ("comment", "exclude", "cpus_per_gpu", "gpus_per_task", "mem_per_gpu", "mem_per_cpu")
+
+
+def slurm_dir(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "slurm"
+
+
+def record_path(results_dir: str | Path) -> Path:
+    return slurm_dir(results_dir) / "submitted.json"
+
+
+def job_key(job: Job) -> str:
+    """The key of a job in submitted.json: its (first) pipeline directory's name."""
+    return job.keys[0]
+
+
+def stage_hash(job: Job) -> str:
+    """The pipeline's stage hash, the last part of its directory name (Table 3: shared by both variants)."""
+    return job.keys[0].rsplit("-", 1)[-1]
+
+
+def launcher_of(job: Job, launcher: str = "slurm") -> str:
+    """The launcher config of a job: by m-class for `slurm`, else the one named."""
+    return SLURM_BY_EXPERIMENT[job.experiment] if launcher == "slurm" else launcher
+
+
+# -- launcher configs -> sbatch options ------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def launcher_overrides(overrides: Sequence[str]) -> tuple[dict[str | None, list[tuple[str, Any]]], list[str]]:
+    """({launcher or None (= every launcher): [(field path, value)]}, the hydra.* overrides that are not
+    launcher fields) from the driver's command-line overrides. `~hydra.launcher.f` unsets f."""
+    scoped: dict[str | None, list[tuple[str, Any]]] = {}
+    ignored = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        delete = key.startswith("~")
+        parts = key.lstrip("+~").split(".")
+        if len(parts) < 3 or parts[:2] != ["hydra", "launcher"]:
+            if key.lstrip("+~").split(".", 1)[0].split("/", 1)[0] == "hydra":
+                ignored.append(o)
+            continue
+        name = parts[2] if parts[2] in SLURM_LAUNCHERS else None
+        path = parts[3:] if name else parts[2:]
+        if not path:
+            raise SystemExit(
+                f"error: {o}: name a launcher field, e.g. hydra.launcher.{parts[2]}.partition=..."
+            )
+        scoped.setdefault(name, []).append((".".join(path), None if delete else _parse_value(value)))
+    return scoped, ignored
+
+
+def launcher_options(name: str, overrides: Sequence[str] = ()) -> dict:
+    """The fields of `conf/hydra/launcher/<name>.yaml` (not resolved) with the command line's
+    `hydra.launcher.[<name>.]<field>=V` overrides applied (scoped ones last)."""
+    path = CONF / "hydra" / "launcher" / f"{name}.yaml"
+    if not path.exists():
+        raise SystemExit(f"error: no launcher config {path}")
+    opts: dict = {f: None for f in EXTRA_FIELDS}
+    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    opts.update({k: v for k, v in loaded.items() if k != "defaults"})
+    scoped, _ = launcher_overrides(overrides)
+    for field_path, value in [*scoped.get(None, []), *scoped.get(name, [])]:
+        head, *rest = field_path.split(".")
+        if head not in opts:
+            known = ", ".join(sorted(k for k in opts if k not in SUBMITIT_ONLY))
+            raise SystemExit(f"error: hydra.launcher.{field_path}: no such launcher field; known: {known}")
+        if not rest:
+            opts[head] = value
+            continue
+        node = opts[head] if isinstance(opts[head], dict) else {}
+        opts[head] = node
+        for p in rest[:-1]:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(rest[-1], None)
+        else:
+            node[rest[-1]] = value
+    return opts
+
+
+def fmt_time(minutes: int) -> str:
+    """sbatch --time: `D-HH:MM:SS` from a day on, else `HH:MM:SS`."""
+    d, rem = divmod(int(minutes), 24 * 60)
+    h, m = divmod(rem, 60)
+    return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
+
+
+def requeue_signal(job: Job) -> str | None:
+    """`USR1` (sbatch's spelling) of the job's `trainer.requeue_signal`, or None when the training code
+    does not handle it (`trainer.slurm_requeue=false`: the default action of SIGUSR1 would kill the run)."""
+    t = job.cfg.get("trainer") or {}
+    if not bool(t.get("slurm_requeue", True)):
+        return None
+    name = str(t.get("requeue_signal", "SIGUSR1")).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name not in SIGNALS:
+        raise SystemExit(f"error: trainer.requeue_signal: unknown value {name!r}; allowed: {list(SIGNALS)}")
+    return name[3:]
+
+
+def sbatch_options(opts: dict, signal: str | None) -> list[str]:
+    """The `#SBATCH` options for the resources of a launcher config (without name, output, chdir)."""
+    out = []
+
+    def add(flag: str, value: Any) -> None:
+        if value is not None and value != "":
+            out.append(f"--{flag}={value}")
+
+    add("partition", opts.get("partition"))
+    add("account", opts.get("account"))
+    add("qos", opts.get("qos"))
+    add("constraint", opts.get("constraint"))
+    add("exclude", opts.get("exclude"))
+    add("comment", opts.get("comment"))
+    add("nodes", opts.get("nodes"))
+    add("ntasks-per-node", opts.get("tasks_per_node"))
+    add("cpus-per-task", opts.get("cpus_per_task"))
+    if opts.get("gres"):
+        add("gres", opts["gres"])
+    else:
+        add("gpus-per-node", opts.get("gpus_per_node"))
+    add("gpus-per-task", opts.get("gpus_per_task"))
+    add("cpus-per-gpu", opts.get("cpus_per_gpu"))
+    if opts.get("mem_per_gpu") or opts.get("mem_per_cpu"):
+        add("mem-per-gpu", opts.get("mem_per_gpu"))
+        add("mem-per-cpu", opts.get("mem_per_cpu"))
+    elif opts.get("mem_gb") is not None:
+        add("mem", f"{opts['mem_gb']}G")
+    if opts.get("timeout_min") is not None:
+        add("time", fmt_time(opts["timeout_min"]))
+    if signal is not None:
+        add("signal", f"{signal}@{int(opts.get('signal_delay_s') or 120)}")
+    out.append("--requeue")
+    for k, v in (opts.get("additional_parameters") or {}).items():
+        flag = str(k).replace("_", "-")
+        if v is True:
+            out.append(f"--{flag}")
+        elif v is not None and v is not False:
+            add(flag, v)
+    return list(dict.fromkeys(out))
+
+
+def job_command(table: str, job: Job, results_dir: Path, verbose: bool = False) -> list[str]:
+    """`python -m <entry point> <the job's overrides>` (as the in-process worker composes the job)."""
+    args = list(job.overrides)
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in args}
+    if "results_dir" not in keys:
+        args.append(f"results_dir={results_dir}")
+    if not verbose and "progress" not in keys:
+        args.append("progress=false")  # no progress bars in a log file
+    return [sys.executable, "-m", ENTRYPOINT[table], *args]
+
+
+def sbatch_script(
+    table: str,
+    job: Job,
+    results_dir: Path,
+    launcher: str,
+    opts: dict,
+    signal: str | None,
+    verbose: bool = False,
+    cwd: Path | None = None,
+) -> str:
+    """The sbatch script that runs one pipeline job."""
+    cwd = Path.cwd() if cwd is None else cwd
+    key = job_key(job)
+    logs = slurm_dir(results_dir) / "logs"
+    name = f"aioli-{table}-{job.method}-{job.setting}-s{job.seed}"
+    head = [f"--job-name={name}", f"--output={logs / f'{key}-%j.out'}"]
+    if not opts.get("stderr_to_stdout", True):
+        head.append(f"--error={logs / f'{key}-%j.err'}")
+    head += ["--open-mode=append", f"--chdir={cwd}"]
+    cmd = job_command(table, job, results_dir, verbose)
+    cpus = opts.get("cpus_per_task")
+    srun = ["srun", "--ntasks=1", *([f"--cpus-per-task={cpus}"] if cpus else [])]
+    q = shlex.quote
+    lines = [
+        "#!/bin/bash",
+        f"# aioli_repro {table}: {job.label} ({job.experiment}); pipelines: {', '.join(job.keys)}",
+        f"# Written by aioli_repro.pipeline.submit; resources: conf/hydra/launcher/{launcher}.yaml. On the",
+        f"# requeue signal{f' (SIG{signal})' if signal else ''} the run saves a checkpoint at the next step "
+        "boundary and requeues this",
+        "# job; the requeued job skips the finished stages and resumes the interrupted one.",
+        *[f"#SBATCH {o}" for o in [*head, *sbatch_options(opts, signal)]],
+        "",
+        f"export AIOLI_CACHE={q(default_cache_dir())}",
+        'export WANDB_SILENT="${WANDB_SILENT:-true}"',
+        'export WANDB_CONSOLE="${WANDB_CONSOLE:-off}"',
+        *[str(s) for s in (opts.get("setup") or [])],
+        "",
+        f'echo "[aioli_repro] SLURM job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname): '
+        f'{table} {job.label}"',
+        " ".join(q(a) for a in [*srun, *cmd]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- the scheduler ---------------------------------------------------------------------------------------
+@dataclass
+class Queue:
+    """What SLURM says about some job ids: squeue states, sacct states of the jobs squeue no longer
+    lists, and why the states are unknown (no squeue, or it failed), if they are."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    acct: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    acct_note: str | None = None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def query_scheduler(ids: Sequence[str]) -> Queue:
+    ids = sorted(set(ids), key=lambda i: (len(i), i))
+    q = Queue()
+    if not ids:
+        return q
+    if shutil.which("squeue") is None:
+        q.error = "squeue is not on PATH (no SLURM here)"
+        return q
+    try:
+        r = _run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        q.error = f"squeue failed: {e}"
+        return q
+    if r.returncode != 0 and "invalid job id" not in r.stderr.lower():  # (none of them is known any more)
+        q.error = f"squeue failed ({r.returncode}): {r.stderr.strip()}"
+        return q
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            q.states[parts[0]] = parts[1].upper()
+    gone = [i for i in ids if q.states.get(i) not in QUEUED | STARTED]
+    if not gone:
+        return q
+    if shutil.which("sacct") is None:
+        q.acct_note = "sacct is not on PATH: a job that left the queue without a summary counts as failed"
+        return q
+    try:
+        r = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        q.acct_note = f"sacct failed: {e}"
+        return q
+    if r.returncode != 0:
+        q.acct_note = f"sacct failed ({r.returncode}): {r.stderr.strip()}"
+    for line in r.stdout.splitlines():
+        jid, _, state = line.partition("|")
+        if jid and "." not in jid and state.strip():
+            q.acct[jid.strip()] = state.split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
+    return q
+
+
+def classify(job: Job, rec: dict | None, queue: Queue) -> tuple[str, str]:
+    """(state, note) of one job: done / running / pending / failed / not submitted, or submitted (state
+    unknown: no scheduler to ask). Call `job.refresh()` after querying the queue."""
+    if job.done:
+        return "done", ""
+    if rec is None:
+        return "not submitted", ""
+    jid = str(rec["job_id"])
+    if queue.error:
+        return "submitted", ""
+    state = queue.states.get(jid)
+    if state in QUEUED:
+        dep = rec.get("dependency")
+        return "pending", ", ".join(x for x in (state if state != "PENDING" else "", dep or "") if x)
+    if state in STARTED:
+        return "running", state if state != "RUNNING" else ""
+    final = state or queue.acct.get(jid)
+    if final == "COMPLETED":
+        return "failed", "COMPLETED without a pipeline summary"
+    return "failed", final or "left the queue without a pipeline summary"
+
+
+# -- submitted.json --------------------------------------------------------------------------------------
+def load_records(results_dir: str | Path) -> dict[str, dict]:
+    import json
+
+    path = record_path(results_dir)
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["jobs"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"error: {path} is not a submit record ({type(e).__name__}: {e}); move it away"
+        ) from e
+
+
+def save_records(results_dir: str | Path, records: dict[str, dict]) -> None:
+    atomic_write_json(record_path(results_dir), {"version": 1, "jobs": records}, indent=1)
+
+
+@contextmanager
+def _submit_lock(results_dir: Path) -> Iterator[None]:
+    """One submit at a time per results directory (two would submit the same jobs twice)."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(slurm_dir(results_dir) / ".submit.lock", blocking=False))
+        except BlockingIOError:
+            raise SystemExit(f"error: another submit to {slurm_dir(results_dir)} is running") from None
+        yield
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- submit ------------------------------------------------------------------------------------------------
+def submit(
+    table: str,
+    jobs: list[Job],
+    results_dir: Path,
+    launcher: str = "slurm",
+    extra: Sequence[str] = (),
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[tuple[Job, str]]:
+    """Submit every job of `jobs` that is neither done nor queued, with its dependency; return at once.
+    Returns [(job, error)] for a failed sbatch (the submit stops at the first one)."""
+    results_dir = Path(results_dir)
+    if shutil.which("sbatch") is None:
+        raise SystemExit(
+            "error: --launcher slurm submits with sbatch, which is not on PATH: run this on a SLURM login "
+            "node (or choose another --launcher)"
+        )
+    _, ignored = launcher_overrides(extra)
+    if ignored:
+        log(f"[submit] note: not launcher fields, ignored by sbatch jobs: {' '.join(ignored)}")
+    options = {
+        name: launcher_options(name, extra) for name in dict.fromkeys(launcher_of(j, launcher) for j in jobs)
+    }
+    for name, opts in options.items():
+        if not opts.get("partition"):
+            log(
+                f"[submit] note: {name}: no partition set (hydra.launcher.partition=P, or "
+                f"hydra.launcher.{name}.partition=P): the cluster's default partition"
+            )
+    sdir = slurm_dir(results_dir)
+    (sdir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create the log folder
+    (sdir / "scripts").mkdir(parents=True, exist_ok=True)
+    failures: list[tuple[Job, str]] = []
+    with _submit_lock(results_dir):
+        records = load_records(results_dir)
+        queue = query_scheduler([str(records[job_key(j)]["job_id"]) for j in jobs if job_key(j) in records])
+        for j in jobs:
+            j.refresh()
+        if queue.error and any(not j.done and job_key(j) in records for j in jobs):
+            log(f"[submit] warning: {queue.error}: jobs submitted before are not resubmitted")
+        by_cell = {(j.experiment, j.setting, j.seed, j.method): j for j in jobs}
+        active: dict[str, str] = {}  # job key -> SLURM id of its queued (or just submitted) job
+        counts = dict.fromkeys(("done", "queued", "submitted", "resubmitted"), 0)
+        signals: dict[str, str | None] = {}
+        n, width = len(jobs), len(str(len(jobs)))
+        number = {id(j): i for i, j in enumerate(jobs, 1)}
+        order = [j for j in jobs if j.method not in LATE_METHODS] + [
+            j for j in jobs if j.method in LATE_METHODS
+        ]
+        for job in order:
+            key = job_key(job)
+            rec = records.get(key)
+            state, note = classify(job, rec, queue)
+            if state == "done":
+                counts["done"] += 1
+                continue
+            dep_job = by_cell.get((job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, "")))
+            dep_id = active.get(job_key(dep_job)) if dep_job is not None and not dep_job.done else None
+            if state in ("pending", "running", "submitted"):
+                counts["queued"] += 1
+                active[key] = str(rec["job_id"])
+                old_dep = rec.get("dependency")
+                if state == "pending" and old_dep and dep_id and old_dep != f"afterok:{dep_id}":
+                    log(
+                        f"[submit] note: {job.label} ({rec['job_id']}) waits on a failed job ({old_dep}): "
+                        "SLURM cancels it (--kill-on-invalid-dep); submit again after that"
+                    )
+                continue
+            dependency = f"afterok:{dep_id}" if dep_id else None
+            name = launcher_of(job, launcher)
+            if job.experiment not in signals:
+                signals[job.experiment] = requeue_signal(job)
+            script = sdir / "scripts" / f"{key}.sbatch"
+            body = sbatch_script(
+                table, job, results_dir, name, options[name], signals[job.experiment], verbose
+            )
+            script.write_text(body)
+            cmd = ["sbatch", "--parsable"]
+            if dependency:
+                cmd += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
+            cmd.append(str(script))
+            try:
+                r = _run(cmd)
+                err = "" if r.returncode == 0 else f"sbatch exit status {r.returncode}: {r.stderr.strip()}"
+            except (OSError, subprocess.TimeoutExpired) as e:
+                r, err = None, f"sbatch failed: {e}"
+            jid = (
+                r.stdout.strip().splitlines()[-1].split(";")[0].strip()
+                if r is not None and r.stdout.strip()
+                else ""
+            )
+            if not err and not jid.isdigit():
+                err = f"sbatch printed no job id: {r.stdout.strip()!r}"
+            if err:
+                failures.append((job, err))
+                log(f"[submit] FAILED {job.label}: {err} (script {script}); stopping")
+                break
+            previous = list(rec.get("previous", [])) if rec else []
+            if rec:
+                previous.append(
+                    {"job_id": rec["job_id"], "submitted_at": rec.get("submitted_at"), "state": note}
+                )
+            records[key] = {
+                "table": table,
+                "experiment": job.experiment,
+                "label": job.label,
+                "setting": job.setting,
+                "method": job.method,
+                "seed": job.seed,
+                "run_keys": job.keys,
+                "stage_hash": stage_hash(job),
+                "overrides": list(job.overrides),
+                "job_id": jid,
+                "dependency": dependency,
+                "launcher": name,
+                "script": str(script),
+                "command": job_command(table, job, results_dir, verbose),
+                "submitted_at": _now(),
+                "previous": previous,
+            }
+            save_records(results_dir, records)  # after every sbatch: a crash never loses a job id
+            active[key] = jid
+            counts["resubmitted" if rec else "submitted"] += 1
+            again = f", resubmitted after {rec['job_id']} ({note})" if rec else ""
+            after = f", after {dep_id}" if dep_id else ""
+            log(f"[{number[id(job)]:>{width}}/{n}] {job.label}: submitted as {jid} ({name}{after}{again})")
+    new = counts["submitted"] + counts["resubmitted"]
+    log(
+        f"[submit] {new} SLURM job{'s' * (new != 1)} submitted"
+        + (f" ({counts['resubmitted']} resubmitted)" if counts["resubmitted"] else "")
+        + f", {counts['queued']} already queued, {counts['done']} done, of {n}; "
+        f"scripts and logs in {sdir}, record {record_path(results_dir)}"
+    )
+    return failures
+
+
+# -- status --------------------------------------------------------------------------------------------
+def status(jobs: list[Job], results_dir: Path) -> tuple[list[tuple[Job, str, str, str]], Queue]:
+    """[(job, state, SLURM id or '', note)] for every job, and what the scheduler said."""
+    records = load_records(results_dir)
+    queue = query_scheduler([str(records[job_key(j)]["job_id"]) for j in jobs if job_key(j) in records])
+    rows = []
+    for j in jobs:
+        j.refresh()  # after the query: a job that finished meanwhile is done, not failed
+        rec = records.get(job_key(j))
+        state, note = classify(j, rec, queue)
+        rows.append((j, state, str(rec["job_id"]) if rec else "", note))
+    return rows, queue
+
+
+def totals_line(states: Sequence[str]) -> str:
+    shown = [s for s in STATES if s != "submitted" or s in states]
+    parts = [
+        f"{sum(x == s for x in states)} {s if s != 'submitted' else 'submitted (state unknown)'}"
+        for s in shown
+    ]
+    return ", ".join(parts) + f" ({len(states)} jobs)"
+
+
+def status_lines(table: str, jobs: list[Job], results_dir: Path) -> list[str]:
+    rows, queue = status(jobs, results_dir)
+    path = record_path(results_dir)
+    src = [str(path) if path.exists() else f"{path} (none yet)", "summary.json files"]
+    if queue.error:
+        src.append(f"no scheduler: {queue.error}; what the files say")
+    else:
+        src.append("squeue" + (", sacct" if queue.acct else ""))
+    lines = [f"[status] {table}: {len(jobs)} jobs; from {'; '.join(src)}"]
+    if queue.acct_note:
+        lines.append(f"[status] note: {queue.acct_note}")
+    width = max(len(j.label) for j in jobs)
+    lines.append(f"{'state':<14} {'job':<{width}}  {'slurm id':>9}  note")
+    for j, state, jid, note in rows:
+        lines.append(f"{state:<14} {j.label:<{width}}  {jid:>9}  {note}".rstrip())
+    for experiment in dict.fromkeys(j.experiment for j in jobs):
+        mine = [s for j, s, _, _ in rows if j.experiment == experiment]
+        lines.append(f"[status] {experiment}: {totals_line(mine)}")
+    lines.append(f"[status] totals: {totals_line([s for _, s, _, _ in rows])}")
+    return lines
+
+
+def cell_counts(jobs: list[Job]) -> tuple[int, int, int]:
+    """(cells, cells with no finished seed, cells with some but not all seeds) of the sweep, a cell being
+    one (setting, method): one table cell (Table 3: its base, +Aioli and Δ columns)."""
+    cells: dict[tuple[str, str], list[bool]] = {}
+    for j in jobs:
+        cells.setdefault((j.setting, j.method), []).append(j.done)
+    missing = sum(not any(v) for v in cells.values())
+    partial = sum(any(v) and not all(v) for v in cells.values())
+    return len(cells), missing, partial
