@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make setup      create .venv (torch pinned to the local CPU wheel via constraints.txt)"
 	@echo "make run        train the CPU default (tiny model, synthetic A/SE, stratified) and print test perplexity"
+	@echo "make prepare    download, tokenise and pack every group a config needs, once (clusters: before the sweep)"
 	@echo "make test       the default test suite (what CI runs)"
 	@echo "make test-slow  the slow end-to-end tests"
 	@echo "make lint       ruff"
@@ -30,6 +31,12 @@ setup: $(STAMP)
 # The CPU default. Extra Hydra overrides: make run ARGS="groups=gh_c4 method=static method.mixer.proportions=[0.3,0.7]"
 run: $(STAMP)
 	$(PY) -m aioli_repro.train $(ARGS)
+
+# Tokenise + pack, once, every group the runs of a config need, one process per group (on a node with network
+# for data=slimpajama; then runs pack nothing): make prepare ARGS="--workers 16 scale=paper groups=slimpajama_all"
+.PHONY: prepare
+prepare: $(STAMP)
+	$(PY) -m aioli_repro.prepare $(ARGS)
 
 # pytest exits 5 when it collects no tests; that is not a failure here.
 test: $(STAMP)

@@ -8,6 +8,8 @@ fingerprint, so a group's cache does not depend on which other groups a run uses
         manifest.json                            key inputs + per split: n_docs, n_tokens, n_seq, sha256
         train.bin val.bin test.bin               raw (n_seq, context_length) token ids, uint16 or uint32
         .lock                                    flock'ed while building this entry only
+      prepared.json                              `python -m aioli_repro.prepare`: the sha256 it verified per
+                                                 file, with size and mtime (then runs skip the re-hash)
 
 `PackedGroups.root` is the settings folder; the run's manifest (`PackedGroups.manifest`) lists each
 group's files relative to it, and its `key_hash` hashes the entries' hashes in run order.
@@ -191,9 +193,28 @@ def _entry_problem(entry: Path, split: dict, context_length: int, verify_checksu
     size = path.stat().st_size
     if size != expected or size != int(split["bytes"]):
         return f"{path} has {size} bytes, the manifest expects {expected}"
-    if verify_checksums and _sha256_file(path) != split["sha256"]:
-        return f"{path} does not match its sha256 in the manifest"
+    if verify_checksums and not _verified_by_prepare(entry, split, path):
+        if _sha256_file(path) != split["sha256"]:
+            return f"{path} does not match its sha256 in the manifest"
     return None
+
+
+# --- files a prepare verified (`python -m aioli_repro.prepare`, aioli_repro/data/prepare.py) -------
+#: in the settings folder: per entry folder and file, the sha256 a prepare computed over the whole file,
+#: and the file's size and mtime (ns) at that moment
+PREPARED_NAME = "prepared.json"
+
+
+def _verified_by_prepare(entry: Path, split: dict, path: Path) -> bool:
+    """Did a prepare hash this very file: the sha256 of the entry's manifest, the same size and mtime?
+    Then `verify_checksums` trusts it without hashing it again (a rewritten file has a new mtime)."""
+    try:
+        prepared = json.loads((entry.parent / PREPARED_NAME).read_text())
+        rec = prepared["entries"][entry.name]["files"][split["file"]]
+        st = path.stat()
+        return (rec["sha256"], rec["bytes"], rec["mtime_ns"]) == (split["sha256"], st.st_size, st.st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _complete(manifest: dict | None) -> bool:

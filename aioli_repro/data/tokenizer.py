@@ -6,8 +6,12 @@ The cache (`cache.py`) only needs `encode` / `encode_batch`, `eos_id` and `vocab
 
 from __future__ import annotations
 
+import os
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -66,17 +70,9 @@ class HFTokenizer(Tokenizer):
         except ImportError as e:  # pragma: no cover - depends on the install
             raise DataError(
                 f"data.tokenizer: {name!r} needs the `transformers` package ({e}); install it or use "
-                "tokenizer=byte"
+                "data.tokenizer=byte"
             ) from e
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:  # OSError / HTTP errors / offline-mode errors all look different
-            raise DataError(
-                f"data.tokenizer: could not load {name!r} ({type(e).__name__}: {e}). If it is a hub name, "
-                "the HF hub is probably unreachable (or HF_HUB_OFFLINE=1 and it is not cached): "
-                "use tokenizer=byte, "
-                "or point data.tokenizer at a local directory holding a saved tokenizer"
-            ) from e
+        tok = _load_hf_tokenizer(AutoTokenizer, name)
         if tok.eos_token_id is None:
             raise DataError(
                 f"data.tokenizer: {name!r} has no eos_token; the packer needs one to separate documents"
@@ -95,7 +91,7 @@ class HFTokenizer(Tokenizer):
             except UnicodeDecodeError as e:
                 raise DataError(
                     f"data.tokenizer: a bytes document is not valid UTF-8 ({e}); "
-                    "use tokenizer=byte for raw bytes"
+                    "use data.tokenizer=byte for raw bytes"
                 ) from e
         return doc
 
@@ -107,6 +103,52 @@ class HFTokenizer(Tokenizer):
         # verbose=False: documents are longer than model_max_length by design (they get packed).
         out = self._tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [np.asarray(ids, dtype=np.int64) for ids in out]
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or the hub's host unreachable within 3 s (no proxy set)."""
+    if any(os.environ.get(v, "").strip().upper() in _TRUE for v in _OFFLINE_VARS):
+        return True
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return False  # the hub is reached through a proxy: let the download itself try
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _load_hf_tokenizer(auto_tokenizer, name: str):
+    """A local folder or a tokenizer already in the HF cache loads without the network (`local_files_only`,
+    what HF_HUB_OFFLINE=1 does, for this one call): an offline node does not stall on the hub's retries.
+    Anything else is downloaded, or, on an offline node, fails at once naming `make prepare`."""
+    try:
+        return auto_tokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as e:  # not cached (OSError), or a broken local folder
+        error = e
+    if not (name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()):  # a hub name
+        if _hub_offline():
+            raise DataError(
+                f"data.tokenizer: {name!r} is not in the HF cache and the HF hub is unreachable from this "
+                'node; run `make prepare ARGS="<the run\'s data/scale/groups overrides>"` once on a node '
+                "with network (it downloads the tokenizer and packs the data), or use data.tokenizer=byte"
+            )
+        try:
+            return auto_tokenizer.from_pretrained(name)
+        except Exception as e:  # OSError / HTTP errors / offline-mode errors all look different
+            error = e
+    raise DataError(
+        f"data.tokenizer: could not load {name!r} ({type(error).__name__}: {' '.join(str(error).split())}). "
+        "If it is a hub name, the HF hub is probably unreachable (or HF_HUB_OFFLINE=1 and it is not cached): "
+        "run `make prepare` on a node with network, use data.tokenizer=byte, or point data.tokenizer at a "
+        "local directory holding a saved tokenizer"
+    ) from error
 
 
 def build_tokenizer(name: str) -> Tokenizer:

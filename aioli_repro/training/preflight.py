@@ -211,7 +211,7 @@ def _build_packed(cfg: DictConfig, source: object, tokenizer: object, groups: li
         cache_dir=cfg.cache_dir,
         seed=cfg.data.get("seed", 0),
         progress=cfg.get("progress", True),
-        # sha256 of every file used (about 1 s per GB): a flipped bit must not reach a results table
+        # sha256 of every file used (about 1 s per GB; a file `make prepare` hashed: its size and mtime)
         verify_checksums=bool(cfg.data.get("verify_checksums", True)),
         rebuild_on_mismatch=bool(cfg.data.get("rebuild_on_mismatch", False)),
     )
