@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -532,6 +532,18 @@ def _open(root: Path, manifest: dict) -> PackedGroups:
     )
 
 
+def check_pack_args(groups: Sequence[str], context_length: object, verb: str) -> list[str]:
+    """The groups (at least one, each a valid folder name) and the context length of a pack or prepare."""
+    groups = list(groups)
+    if not groups:
+        raise DataError(f"groups: need at least one group to {verb}")
+    for g in groups:
+        _check_group_name(g)
+    if not isinstance(context_length, (int, np.integer)) or context_length < 1:
+        raise DataError(f"train.context_length: must be an integer >= 1, got {context_length!r}")
+    return groups
+
+
 def build_packed(
     source: GroupSource,
     tokenizer: Tokenizer,
@@ -550,13 +562,7 @@ def build_packed(
     rebuilt when `rebuild_on_mismatch` is set. With `progress`, one line per group actually packed
     goes to stderr (nothing when the cache is reused).
     """
-    groups = list(groups)
-    if not groups:
-        raise DataError("groups: need at least one group to pack")
-    for g in groups:
-        _check_group_name(g)
-    if not isinstance(context_length, (int, np.integer)) or context_length < 1:
-        raise DataError(f"train.context_length: must be an integer >= 1, got {context_length!r}")
+    groups = check_pack_args(groups, context_length, "pack")
     dtype = token_dtype(int(tokenizer.vocab_size))
     if not 0 <= int(tokenizer.eos_id) < int(tokenizer.vocab_size):
         raise DataError(f"data.tokenizer: eos_id {tokenizer.eos_id} is outside [0, {tokenizer.vocab_size})")

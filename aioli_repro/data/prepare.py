@@ -44,12 +44,12 @@ from aioli_repro.data.cache import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     PREPARED_NAME,
-    _check_group_name,
     _read_manifest,
     _usable,
     build_packed,
     cache_key,
     cache_root,
+    check_pack_args,
     group_cache_dir,
     token_dtype,
 )
@@ -334,13 +334,7 @@ def prepare(
 ) -> PrepareReport:
     """Verify or pack every group's cache entry, `workers` processes at a time (default: every core
     this process may use). Returns what happened per group; a failed group does not stop the others."""
-    groups = list(groups)
-    if not groups:
-        raise DataError("groups: need at least one group to prepare")
-    for g in groups:
-        _check_group_name(g)
-    if not isinstance(context_length, (int, np.integer)) or context_length < 1:
-        raise DataError(f"train.context_length: must be an integer >= 1, got {context_length!r}")
+    groups = check_pack_args(groups, context_length, "prepare")
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
         raise DataError(f"--workers: must be an integer >= 1, got {workers!r}")
