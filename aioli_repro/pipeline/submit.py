@@ -403,6 +403,59 @@ def _now() -> str:
 
 
 # -- submit ------------------------------------------------------------------------------------------------
+def _sbatch(script: Path, dependency: str | None) -> tuple[str, str]:
+    """`sbatch --parsable [--dependency=...] script`: (job id, "") or ("", why it failed)."""
+    cmd = ["sbatch", "--parsable"]
+    if dependency:
+        cmd += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
+    cmd.append(str(script))
+    try:
+        r = _run(cmd)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "", f"sbatch failed: {e}"
+    if r.returncode != 0:
+        return "", f"sbatch exit status {r.returncode}: {r.stderr.strip()}"
+    out = r.stdout.strip()
+    jid = out.splitlines()[-1].split(";")[0].strip() if out else ""  # "<id>[;<cluster>]"
+    return (jid, "") if jid.isdigit() else ("", f"sbatch printed no job id: {out!r}")
+
+
+def _record(
+    table: str,
+    job: Job,
+    results_dir: Path,
+    verbose: bool,
+    rec: dict | None,
+    note: str,
+    jid: str,
+    dependency: str | None,
+    launcher: str,
+    script: Path,
+) -> dict:
+    """submitted.json's entry for a job just submitted (earlier submissions kept under `previous`)."""
+    previous = list(rec.get("previous", [])) if rec else []
+    if rec:
+        previous.append({"job_id": rec["job_id"], "submitted_at": rec.get("submitted_at"), "state": note})
+    return {
+        "table": table,
+        "experiment": job.experiment,
+        "label": job.label,
+        "setting": job.setting,
+        "method": job.method,
+        "seed": job.seed,
+        "run_keys": job.keys,
+        "stage_hash": stage_hash(job),
+        "overrides": list(job.overrides),
+        "job_id": jid,
+        "dependency": dependency,
+        "launcher": launcher,
+        "script": str(script),
+        "command": job_command(table, job, results_dir, verbose),
+        "submitted_at": _now(),
+        "previous": previous,
+    }
+
+
 def submit(
     table: str,
     jobs: list[Job],
@@ -480,49 +533,12 @@ def submit(
                 table, job, results_dir, name, options[name], signals[job.experiment], verbose
             )
             script.write_text(body)
-            cmd = ["sbatch", "--parsable"]
-            if dependency:
-                cmd += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
-            cmd.append(str(script))
-            try:
-                r = _run(cmd)
-                err = "" if r.returncode == 0 else f"sbatch exit status {r.returncode}: {r.stderr.strip()}"
-            except (OSError, subprocess.TimeoutExpired) as e:
-                r, err = None, f"sbatch failed: {e}"
-            jid = (
-                r.stdout.strip().splitlines()[-1].split(";")[0].strip()
-                if r is not None and r.stdout.strip()
-                else ""
-            )
-            if not err and not jid.isdigit():
-                err = f"sbatch printed no job id: {r.stdout.strip()!r}"
+            jid, err = _sbatch(script, dependency)
             if err:
                 failures.append((job, err))
                 log(f"[submit] FAILED {job.label}: {err} (script {script}); stopping")
                 break
-            previous = list(rec.get("previous", [])) if rec else []
-            if rec:
-                previous.append(
-                    {"job_id": rec["job_id"], "submitted_at": rec.get("submitted_at"), "state": note}
-                )
-            records[key] = {
-                "table": table,
-                "experiment": job.experiment,
-                "label": job.label,
-                "setting": job.setting,
-                "method": job.method,
-                "seed": job.seed,
-                "run_keys": job.keys,
-                "stage_hash": stage_hash(job),
-                "overrides": list(job.overrides),
-                "job_id": jid,
-                "dependency": dependency,
-                "launcher": name,
-                "script": str(script),
-                "command": job_command(table, job, results_dir, verbose),
-                "submitted_at": _now(),
-                "previous": previous,
-            }
+            records[key] = _record(table, job, results_dir, verbose, rec, note, jid, dependency, name, script)
             save_records(results_dir, records)  # after every sbatch: a crash never loses a job id
             active[key] = jid
             counts["resubmitted" if rec else "submitted"] += 1
