@@ -340,7 +340,9 @@ MICRO = [
 
 
 def test_pipeline_never_redoes_a_finished_stage_and_distrusts_a_torn_summary(cache_dir, tmp_path):
-    cfg = compose_cfg(cache_dir, "method=stratified", *MICRO)
+    # keep_checkpoints: the torn-summary stage below resumes from its last.ckpt (by default a finished
+    # stage's last.ckpt is deleted, and the stage would retrain from step 0 to the same numbers)
+    cfg = compose_cfg(cache_dir, "method=stratified", *MICRO, "keep_checkpoints=true")
     logs: list[str] = []
     first, path = run_method(cfg, tmp_path, log=logs.append)
     (stage_dir,) = [Path(s["dir"]) for s in first["stages"]]
