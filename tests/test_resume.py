@@ -661,8 +661,9 @@ def test_run_command_killed_externally_then_rerun(method, pattern, step, sig, ca
     again = _run_cli(tmp_path / "res", cache_dir, *extra)
     out, err = again.communicate(timeout=900)
     assert again.returncode == 0, err[-3000:]
-    (a,) = [json.loads(p.read_text()) for p in (tmp_path / "ref").glob(f"{method}-pipeline-*/summary.json")]
-    (b,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob(f"{method}-pipeline-*/summary.json")]
+    summaries = f"{method}-a_se-pipeline-*/summary.json"
+    (a,) = [json.loads(p.read_text()) for p in (tmp_path / "ref").glob(summaries)]
+    (b,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob(summaries)]
     assert_same_results(a, b)
     resumed = json.loads((stage / "summary.json").read_text())
     assert resumed["resumed_from"] is not None
@@ -680,7 +681,7 @@ def test_two_sweeps_share_cache_and_results_without_corruption(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
     assert sum(o.count("training in") for o, _ in outs) == 1  # the stage lock: trained once
     assert sum(o.count("already done") for o, _ in outs) == 1
-    (summary,) = list(results.glob("stratified-pipeline-*/summary.json"))
+    (summary,) = list(results.glob("stratified-a_se-pipeline-*/summary.json"))
     (stage,) = [p for p in results.glob("stratified-a_se-run-*") if p.is_dir()]
     final = json.loads(summary.read_text())
     assert final["test/avg_ppl"] == json.loads((stage / "summary.json").read_text())["test/avg_ppl"]

@@ -306,40 +306,42 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def _ask(cmd: list[str], ok_stderr: str = "") -> tuple[str | None, str]:
+    """(stdout, "") of a scheduler command, or (None, why not): missing, failed to start, or failed
+    (a non-zero exit whose stderr contains `ok_stderr` counts as an answer)."""
+    if shutil.which(cmd[0]) is None:
+        return None, f"{cmd[0]} is not on PATH"
+    try:
+        r = _run(cmd)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{cmd[0]} failed: {e}"
+    if r.returncode != 0 and not (ok_stderr and ok_stderr in r.stderr.lower()):
+        return r.stdout, f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip()}"
+    return r.stdout, ""
+
+
 def query_scheduler(ids: Sequence[str]) -> Queue:
     ids = sorted(set(ids), key=lambda i: (len(i), i))
     q = Queue()
     if not ids:
         return q
-    if shutil.which("squeue") is None:
-        q.error = "squeue is not on PATH (no SLURM here)"
+    # "invalid job id": none of them is known any more, an answer
+    out, err = _ask(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], ok_stderr="invalid job id")
+    if err:
+        q.error = err + (" (no SLURM here)" if out is None and "not on PATH" in err else "")
         return q
-    try:
-        r = _run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        q.error = f"squeue failed: {e}"
-        return q
-    if r.returncode != 0 and "invalid job id" not in r.stderr.lower():  # (none of them is known any more)
-        q.error = f"squeue failed ({r.returncode}): {r.stderr.strip()}"
-        return q
-    for line in r.stdout.splitlines():
+    for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 2:
             q.states[parts[0]] = parts[1].upper()
     gone = [i for i in ids if q.states.get(i) not in QUEUED | STARTED]
     if not gone:
         return q
-    if shutil.which("sacct") is None:
-        q.acct_note = "sacct is not on PATH: a job that left the queue without a summary counts as failed"
-        return q
-    try:
-        r = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        q.acct_note = f"sacct failed: {e}"
-        return q
-    if r.returncode != 0:
-        q.acct_note = f"sacct failed ({r.returncode}): {r.stderr.strip()}"
-    for line in r.stdout.splitlines():
+    out, err = _ask(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(gone)])
+    if out is None and "not on PATH" in err:
+        err += ": a job that left the queue without a summary counts as failed"
+    q.acct_note = err or q.acct_note
+    for line in (out or "").splitlines():
         jid, _, state = line.partition("|")
         if jid and "." not in jid and state.strip():
             q.acct[jid.strip()] = state.split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
