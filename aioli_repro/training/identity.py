@@ -63,11 +63,8 @@ def stage_identity(cfg: DictConfig, extras: dict | None = None) -> dict:
 
 
 # Config keys that may change between a run and its resume without changing what it computes.
-_RESUME_FREE = {
-    "train": ("checkpoint_every",),
-    "trainer": ("slurm_requeue", "requeue_signal"),
-    "data": ("verify_checksums", "rebuild_on_mismatch"),
-}
+# (The trainer/data keys of _NOT_HASHED_NESTED are already out of the stage identity.)
+_RESUME_FREE = {"train": ("checkpoint_every",)}
 
 
 def run_identity(cfg: DictConfig, extras: dict | None) -> dict:
