@@ -8,6 +8,7 @@ unfinished run of it.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from aioli_repro import world
 from aioli_repro.fileio import shown_path
 from aioli_repro.training.preflight import USER_ERRORS, preflight, report_data
 from aioli_repro.training.run import run_training
@@ -71,6 +73,11 @@ def _resume_target(cfg: DictConfig, hc: Any, fresh: Path) -> Path:
     return found.run_dir
 
 
+def _rank_zero_run_dir(fresh: Path) -> Path:
+    """DDP rank > 0: the folder rank 0 trains in (it may have resumed an earlier run of the command)."""
+    return Path(os.environ.get(world.RUN_DIR_ENV) or fresh)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -80,13 +87,16 @@ def main(cfg: DictConfig) -> None:
     try:
         checked = preflight(cfg)
         report_data(checked.source, checked.groups, bool(cfg.get("progress", True)))
-        run_dir = _resume_target(cfg, hc, fresh)
+        run_dir = _resume_target(cfg, hc, fresh) if world.is_launch_zero() else _rank_zero_run_dir(fresh)
         hint = resume_hint(hc, fresh, run_dir, str(cfg.run_name))
         summary = run_training(cfg, run_dir, checked=checked, resume_hint=hint)
     except USER_ERRORS as e:
         user_error_exit(e)
     finally:  # a run that failed before writing anything leaves no folder behind
-        remove_if_unused(fresh, parent_too=default_layout(fresh, str(cfg.run_name)))
+        if world.is_launch_zero():
+            remove_if_unused(fresh, parent_too=default_layout(fresh, str(cfg.run_name)))
+    if not world.is_launch_zero():
+        return
     print(format_summary(summary))
     print(f"summary: {run_dir / 'summary.json'}")
 

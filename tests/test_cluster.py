@@ -25,11 +25,6 @@ def test_gpu_trainer_without_a_gpu_is_one_line_naming_the_field() -> None:
         check_devices(compose_config("trainer=gpu", "cache_dir=/tmp/x"))
 
 
-def test_more_than_one_device_is_refused_not_run_wrong() -> None:
-    with pytest.raises(ConfigError, match=r"^trainer\.devices: 2: a run trains on one device"):
-        check_devices(compose_config("trainer.devices=2", "cache_dir=/tmp/x"))
-
-
 def test_strategy_is_validated_and_passed_to_the_trainer(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^trainer\.strategy: "):
         validate_config(make_cfg("trainer.strategy=bogus"))

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "aioli_repro"
 
 # Lowest first. A top-level module not listed here is a command-line entry point (the top layer).
 LAYERS = [
-    {"fileio"},
+    {"fileio", "world"},
     {"model", "data"},
     {"config"},
     {"mixing"},

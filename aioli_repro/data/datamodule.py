@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from aioli_repro import world
 from aioli_repro.data.cache import PackedGroups
 from aioli_repro.data.sampler import MixtureSampler
 from aioli_repro.data.source import DataError
@@ -62,8 +63,18 @@ class MixtureDataModule(L.LightningDataModule):
         return DataLoader(_StepTickets(), batch_size=None, num_workers=0)
 
     def draw_batch(self) -> Batch:
-        """The next training batch under the sampler's current proportions."""
+        """This rank's rows of the next global batch under the sampler's current proportions.
+
+        Every rank draws the same global batch (same sampler state and proportions) and keeps its own
+        contiguous slice, so N devices train on exactly the batches, and group compositions, of one.
+        """
         gids, sidx = self.sampler.next_batch()
+        n, r = world.size(), world.rank()
+        if n > 1:
+            if len(gids) % n:
+                raise DataError(f"train.batch_size {len(gids)} does not split over {n} devices")
+            per = len(gids) // n
+            gids, sidx = gids[r * per : (r + 1) * per], sidx[r * per : (r + 1) * per]
         rows = np.stack([self.train_arrays[g][s] for g, s in zip(gids, sidx)]).astype(np.int64)
         return Batch(tokens=torch.from_numpy(rows), group_ids=torch.from_numpy(gids.astype(np.int64)))
 

@@ -8,11 +8,13 @@ sampling, gradient = sum_i alpha_i clip(g_i)) -> a static run on the time-averag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from aioli_repro import world
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import Batch, MixingContext, StepContext
 from aioli_repro.model import lm_token_losses
@@ -32,6 +34,29 @@ def _dot(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tens
 def _clip_coef(norm: torch.Tensor) -> torch.Tensor:
     # exactly `clip_grad_norm_(max_norm=1.0)`: scale by 1/(norm + 1e-6) when that is below 1
     return torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+
+
+def _group_loss_and_grad(
+    seq_loss: torch.Tensor,
+    mask: torch.Tensor,
+    count: torch.Tensor,
+    grads_of: Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]],
+    params: list[torch.Tensor],
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A group's mean training loss (the term to backpropagate) and the gradient of its global mean.
+
+    On one process: the batch mean and its gradient. Under DDP each rank holds a slice of the batch: its
+    term is its share of the global mean (times the world size, as DDP averages the final gradients),
+    and the gradient is the sum over ranks of the shares' gradients, i.e. that of the global mean.
+    """
+    if world.size() == 1:
+        loss = seq_loss[mask].mean()
+        return loss, grads_of(loss, True)
+    share = seq_loss[mask].sum() / count.to(seq_loss.dtype)
+    grads = grads_of(share, True) if bool(mask.any()) else tuple(torch.zeros_like(p) for p in params)
+    flat = world.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    summed = tuple(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads))
+    return share * world.size(), summed
 
 
 class DoGE(AveragedWeightsMethod):
@@ -118,14 +143,14 @@ class DoGE(AveragedWeightsMethod):
 
         # (2) one group gradient at a time (buffer 2), dotted with g_val and dropped.
         gids = batch.group_ids.to(seq_loss.device)
-        present = torch.bincount(gids, minlength=m).cpu().numpy() > 0
+        counts = world.all_reduce_sum(torch.bincount(gids, minlength=m))  # DDP: the global batch's
+        present = counts.cpu().numpy() > 0
         group_losses: dict[int, torch.Tensor] = {}
         dots = torch.zeros(m, device=seq_loss.device)
         norms = torch.zeros(m, device=seq_loss.device)  # clipped norms; absent groups stay 0
         coefs = torch.ones(m, device=seq_loss.device)
         for i in np.flatnonzero(present):
-            loss_i = seq_loss[gids == int(i)].mean()
-            g_i = grads_of(loss_i, retain=True)
+            loss_i, g_i = _group_loss_and_grad(seq_loss, gids == int(i), counts[i], grads_of, params)
             norm_i = _grad_norm(g_i)
             coefs[i] = _clip_coef(norm_i)
             norms[i] = norm_i * coefs[i]
@@ -138,6 +163,9 @@ class DoGE(AveragedWeightsMethod):
         lr = float(step.lr)
         dots_np, norms_np = dots.detach().double().cpu().numpy(), norms.detach().double().cpu().numpy()
         self.scores = np.clip(lr * dots_np / (norms_np.mean() + 1e-6), 0.0, lr * self.score_clip)
+        # DDP: every rank computed the same scores (its g_val is from the same val batch); rank 0's are
+        # used, so that a non-deterministic GPU kernel cannot make the weights drift apart
+        self.scores = world.broadcast_array(self.scores, seq_loss.device)
         # kept in log space (log-softmax) so a weight driven towards 0 cannot underflow and stick there
         log_a = self.log_alpha + self.scores / self.mu
         top = log_a.max()

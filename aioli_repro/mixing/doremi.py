@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aioli_repro import world
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import Batch, MixingContext, StepContext
 from aioli_repro.mixing.simplex import softmax
@@ -136,7 +137,9 @@ class DoReMi(AveragedWeightsMethod):
                 excess_rows = (proxy_tok - ref_tok).clamp_min(0).mean(dim=1)
             rows = torch.stack([seq_loss.detach(), excess_rows, torch.ones_like(excess_rows)]).double()
             sums = torch.zeros(3, m, dtype=torch.float64, device=seq_loss.device).index_add_(1, gids, rows)
-            sums = sums.cpu().numpy()  # one host sync per micro-batch (the official code syncs per group)
+            # DDP: the global batch's sums on every rank; one host sync per micro-batch (the official code
+            # syncs per group)
+            sums = world.all_reduce_sum(sums).cpu().numpy()
         self._sum_proxy += sums[0]
         self._sum_excess += sums[1]
         self._count += sums[2]
@@ -151,6 +154,9 @@ class DoReMi(AveragedWeightsMethod):
             0, gids, torch.ones_like(seq_loss)
         )
         group_sum = torch.zeros(m, device=seq_loss.device, dtype=seq_loss.dtype).index_add(0, gids, seq_loss)
+        if world.size() > 1:  # this rank's share of the global group means, scaled for DDP's gradient average
+            counts = world.all_reduce_sum(counts.detach().clone())
+            group_sum = group_sum * world.size()
         group_mean = group_sum / counts.clamp_min(1)  # absent groups: 0, so they contribute nothing
         if self.reweight_by == "sample":
             loss = seq_loss.mean()

@@ -24,10 +24,12 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm import tqdm
 
+from aioli_repro import world
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 
@@ -195,7 +197,8 @@ class MixingCallback(L.Callback):
             self._log(trainer, metrics, step)
         if step >= trainer.max_steps:
             return
-        p = np.asarray(self.method.proportions(), dtype=np.float64)
+        # every rank computed the same p from reduced statistics; rank 0's is used, so they cannot drift
+        p = world.broadcast_array(np.asarray(self.method.proportions(), dtype=np.float64), pl_module.device)
         probe = bool(self.method.is_probe())
         trainer.datamodule.sampler.set_proportions(p, self.method.composition())
         flag_changed = self._last_probe is not None and probe != self._last_probe
@@ -377,14 +380,20 @@ class StepBoundaryCheckpoint(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        term = trainer.received_sigterm
+        term = bool(trainer.received_sigterm)
+        ddp = world.size() > 1
+        if ddp:  # the ranks get a signal at different steps; all stop and save at the same one
+            flags = torch.tensor([float(term), float(self.requeue_requested)], device=pl_module.device)
+            term, self.requeue_requested = (bool(f > 0) for f in world.all_reduce_sum(flags).tolist())
         step = int(trainer.global_step)
         if not (term or self.requeue_requested) or step >= trainer.max_steps:
             return  # nothing asked, or the last step: the run finishes normally
         if self.path is not None and self.saved_step != step:
             trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = step
+        saved = self.path if self.saved_step == step else None
         if self.requeue_requested and not term:
-            saved = self.path if self.saved_step == step else None
             raise RunInterrupted(self.requeue_signal, step, saved, requeue=True)
+        if ddp:  # Lightning would stop only the ranks that got SIGTERM themselves
+            raise RunInterrupted(signal.SIGTERM, step, saved)
         # SIGTERM: Lightning raises SIGTERMException once this step's hooks are done

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from aioli_repro import world
 from aioli_repro.mixing.simplex import average_perplexity
 from aioli_repro.model import lm_token_losses
 
@@ -40,7 +41,8 @@ def evaluate_groups(
     """Mean loss per group. `sequences[g]` is an (n_g, T) array; the first `max_seqs` of each are used.
 
     Sequences of all groups are batched together (no per-group passes) and summed per group on
-    the device, so there is a single host sync at the end.
+    the device, so there is a single host sync at the end. Under DDP the batches are shared out over
+    the ranks and the per-group sums reduced, so every rank returns the same losses.
     """
     m = len(sequences)
     index = [(g, i) for g, arr in enumerate(sequences) for i in range(min(len(arr), max_seqs or len(arr)))]
@@ -50,8 +52,10 @@ def evaluate_groups(
     counts = torch.zeros(m, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
+    # DDP: rank r takes every size()-th chunk (the same chunks as on one device) and the sums are reduced
+    starts = range(world.rank() * batch_size, len(index), batch_size * world.size())
     try:
-        for start in range(0, len(index), batch_size):
+        for start in starts:
             chunk = index[start : start + batch_size]
             rows = np.stack([sequences[g][i] for g, i in chunk]).astype(np.int64)
             gids = torch.tensor([g for g, _ in chunk], device=device)
@@ -62,4 +66,6 @@ def evaluate_groups(
             counts.index_add_(0, gids, torch.ones_like(seq_loss, dtype=torch.float64))
     finally:
         model.train(was_training)
+    if world.size() > 1:
+        sums, counts = world.all_reduce_sum(torch.stack([sums, counts])).unbind(0)
     return (sums / counts).cpu().numpy()

@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from aioli_repro import world
 from aioli_repro.config import ConfigError
 from aioli_repro.mixing.base import Batch, MixingMethod, StepContext, StepStats
 from aioli_repro.model import GPTNeoX, ModelConfig, build_model, lm_token_losses
@@ -192,12 +193,14 @@ class MixingLM(L.LightningModule):
         sums = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, detached)
         ones = torch.ones_like(detached)
         cnts = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, ones)
+        if world.size() > 1:  # the method and the logs see the whole global batch, as on one device
+            sums, cnts = world.all_reduce_sum(torch.stack([sums, cnts])).unbind(0)
         self._guard_finite(loss.detach(), sums, cnts)
         self.last_stats = StepStats(loss_sum=sums, count=cnts)
         self._log_sum += sums
         self._log_cnt += cnts
         self._log_loss += loss.detach().float()
-        self.tokens_seen += batch.tokens.numel()
+        self.tokens_seen += batch.tokens.numel() * world.size()
         # progress bar only: train metrics reach the loggers from finish_step, stamped with the step they
         # belong to and written before that step's checkpoint, so a resumed run logs exactly the same rows
         self.log(
@@ -273,8 +276,9 @@ class MixingLM(L.LightningModule):
         cnt = self._log_cnt.tolist()
         n_steps = step - self._window_start
         metrics = {f"train/loss/{g}": v for g, v, c in zip(self.groups, means, cnt) if c > 0}
-        if n_steps > 0:
-            metrics["train/loss"] = float(self._log_loss) / n_steps
+        if n_steps > 0:  # each rank's loss is over its slice: their mean is the global batch's
+            window_loss = float(world.all_reduce_sum(self._log_loss.clone())) / world.size()
+            metrics["train/loss"] = window_loss / n_steps
         metrics["train/tokens"] = float(self.tokens_seen)
         metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         if self.trainer.is_global_zero:

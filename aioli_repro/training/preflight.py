@@ -95,20 +95,44 @@ def preflight(
 
 
 def check_devices(cfg: DictConfig) -> None:
-    """The accelerator asked for exists here, and the run fits one process (one line, not a traceback)."""
+    """The accelerator asked for exists here, and a multi-device run is one DDP can train exactly (one
+    line, not a traceback)."""
     tr = cfg.trainer
     if str(tr.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator: {tr.accelerator!r} but no CUDA GPU is visible on this machine; use "
             "trainer=default (CPU here, the GPU where there is one) or run on a GPU node"
         )
-    devices = tr.devices
-    if isinstance(devices, int) and devices > 1 or not isinstance(devices, int) and str(devices) != "1":
+    n = device_count(tr.devices)
+    if n == 1:
+        return
+    strategy = str(tr.get("strategy") or "auto")
+    if strategy != "auto" and (not strategy.startswith("ddp") or any(k in strategy for k in _SPAWNING)):
         raise ConfigError(
-            f"trainer.devices: {devices!r}: a run trains on one device for now (multi-device DDP is not "
-            "supported yet: it would draw the same batches on every rank); use trainer.devices=1 and run "
-            "the sweep's jobs in parallel instead"
+            f"trainer.strategy: {strategy!r} with trainer.devices={tr.devices!r}: a multi-device run uses "
+            "DDP with one process per device (trainer.strategy=ddp or auto); spawned and "
+            "sharded strategies are not supported"
         )
+    batch = int(cfg.train.batch_size)
+    if n is not None and batch % n:
+        raise ConfigError(
+            f"train.batch_size: {batch} does not split evenly over trainer.devices={tr.devices!r}: the batch "
+            f"is the global one (each device takes batch_size / devices rows); use a multiple of {n}"
+        )
+
+
+_SPAWNING = ("spawn", "fork", "notebook")
+
+
+def device_count(devices: object) -> int | None:
+    """How many devices `trainer.devices` names (None: decided by Lightning at run time, e.g. 'auto')."""
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        return device_count(int(devices))
+    if isinstance(devices, str):
+        return None if devices in ("auto", "-1") else len([d for d in devices.split(",") if d.strip()])
+    return len(list(devices))
 
 
 _CPU_FLOPS = 1e11  # a generous multi-core CPU in fp32 (FLOP/s), for the projection below

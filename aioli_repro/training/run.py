@@ -8,6 +8,7 @@ directory. Pipelines and the CLI both call it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from aioli_repro import world
 from aioli_repro.data.datamodule import MixtureDataModule
 from aioli_repro.fileio import atomic_write, atomic_write_json
 from aioli_repro.mixing.base import MixingMethod
@@ -81,6 +83,9 @@ def run_training(
     clock = RunClock()
     checked = checked if checked is not None else preflight(cfg, method, extras)
     run_dir = Path(run_dir)
+    if not world.is_launch_zero():  # DDP: rank 0 holds the lock and writes; the others only train
+        return _run_training(cfg, run_dir, checked, extras, clock, resume_hint, list(callbacks or []))
+    os.environ[world.RUN_DIR_ENV] = str(run_dir.resolve())  # for the ranks Lightning starts
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -108,16 +113,20 @@ def _run_training(
     resumed_from = str(last) if last.exists() else None
     if checked.init_checkpoint and resumed_from is None:  # a resumed branch run has its weights in last.ckpt
         run.module.model.load_state_dict(load_decoder_state(checked.init_checkpoint))
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
-    atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+    zero = world.is_launch_zero()
+    if zero:
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     _fit(run.trainer, run.module, run.dm, resumed_from, last, resume_hint)
     # the final weights, for later stages (DoReMi's reference model)
     run.trainer.save_checkpoint(last.parent / "final.ckpt", weights_only=True)
     summary = summarise(
         cfg, checked, run.trainer, run.module, run.mixing, run.dm, run.packed, resumed_from, run_dir
     ).to_json()
-    log_summary(run.loggers, summary)
-    atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
+    if zero:
+        log_summary(run.loggers, summary)
+        atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
+    world.barrier()  # no rank goes on (e.g. to a pipeline's next stage) before the summary exists
     return summary
 
 
@@ -251,6 +260,8 @@ def _callbacks(
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    if not world.is_launch_zero():
+        return []  # one metrics file and one W&B run per run: rank 0's
     loggers: list = [JsonlLogger(run_dir)]
     wb = cfg.logger.wandb
     flat_cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -274,8 +285,8 @@ def _fit(
         trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
     except SIGTERMException:
         raise _interrupted(signal.SIGTERM, trainer, last, resume_hint) from None
-    except RunInterrupted as e:  # the requeue signal: checkpoint written at the step boundary
-        requeued = requeue_slurm_job() if trainer.is_global_zero else False
+    except RunInterrupted as e:  # the requeue signal (or SIGTERM under DDP): saved at the step boundary
+        requeued = requeue_slurm_job() if e.requeue and trainer.is_global_zero else False
         raise _interrupted(e.signum, trainer, last, resume_hint, requeued) from None
     except NonFiniteLossError as e:
         kept = (
