@@ -38,10 +38,10 @@ BASE = [
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 METHODS = {
     "stratified": ["train.max_steps=12", "train.checkpoint_every=0"],
-    # rounds of 10 steps, LearnParams probes in [0, 2), [2, 4), [10, 12), [12, 14)
+    # two rounds of 10 steps, LearnParams probes in [0, 2), [2, 4), [10, 12), [12, 14)
     "aioli": [
         "method=aioli",
-        "train.max_steps=24",
+        "train.max_steps=20",
         "train.checkpoint_every=0",
         "method.mixer.update_steps=10",
         "method.mixer.lp_rounds=1",

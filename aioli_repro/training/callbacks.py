@@ -361,26 +361,39 @@ class StepBoundaryCheckpoint(L.Callback):
         self.path = None if path is None else Path(path)
         self.requeue_signal = requeue_signal
         self.requeue_requested = False
-        self._previous_handler: object = None
+        self.sigterm_requested = False  # DDP only: Lightning's own flag otherwise
+        self._previous_handlers: dict[int, object] = {}
         self.saved_step: int | None = None
 
     def _on_requeue_signal(self, signum: int, frame: object) -> None:
         self.requeue_requested = True  # acted on at the end of the current step
 
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.sigterm_requested = True
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # registered after Lightning's own handlers (it installs them just before this hook)
-        if self.requeue_signal is not None and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(self.requeue_signal, self._on_requeue_signal)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self.requeue_signal is not None:
+            self._previous_handlers[self.requeue_signal] = signal.signal(
+                self.requeue_signal, self._on_requeue_signal
+            )
+        if world.size() > 1:
+            # Lightning's DDP SIGTERM handler broadcasts from inside the handler, at whatever collective the
+            # other ranks are in (a mismatch that kills the run); a flag, reduced at the step's end, is safe
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(self.requeue_signal, self._previous_handler)
-            self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        term = bool(trainer.received_sigterm)
+        term = bool(trainer.received_sigterm) or self.sigterm_requested
         ddp = world.size() > 1
         if ddp:  # the ranks get a signal at different steps; all stop and save at the same one
             flags = torch.tensor([float(term), float(self.requeue_requested)], device=pl_module.device)

@@ -310,5 +310,6 @@ def _interrupted(
     else:
         where = f"checkpoint {saved}"
         how = "the job was requeued" if requeued else (resume_hint or "run the same command again to resume")
-    print(f"[aioli_repro] {name}: stopped after step {step}; {where}; {how}", file=sys.stderr)
+    if trainer.is_global_zero:
+        print(f"[aioli_repro] {name}: stopped after step {step}; {where}; {how}", file=sys.stderr)
     return RunInterrupted(signum, step, saved, requeue=requeued)
