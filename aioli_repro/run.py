@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro import world
 from aioli_repro.pipeline.recipes import run_method
 from aioli_repro.train import user_error_exit
 from aioli_repro.training.preflight import USER_ERRORS, build, report_data
@@ -35,8 +36,10 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:  # other exceptions are bugs and keep their traceback
         user_error_exit(e)
     finally:  # Hydra's folder for this command (only `.hydra`) records a pipeline that ran; else no debris
-        if not done:
+        if not done and world.is_launch_zero():
             remove_if_unused(hydra_dir, parent_too=default_layout(hydra_dir, str(cfg.run_name)))
+    if not world.is_launch_zero():
+        return  # DDP: rank 0 reports the pipeline
     print(format_summary(summary))
     print(
         f"stages: {len(summary['stages'])} ({summary['extra_runs']} extra runs), "

@@ -186,3 +186,39 @@ def test_the_launch_rank_is_read_before_lightning_starts(env: dict, rank: int, m
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert launch_rank() == rank
+
+
+@pytest.mark.slow
+def test_a_doremi_pipeline_under_ddp_matches_one_device(cache_dir: Path, tmp_path: Path) -> None:
+    """Three stages (reference, proxy, final) on two processes: rank 0 alone locks, writes and reports; the
+    learned weights and the final run match the one-device pipeline."""
+    common = [
+        *BASE,
+        f"cache_dir={cache_dir}",
+        "method=doremi",
+        "train.max_steps=12",
+        "method.pipeline.proxy_steps=12",
+        "method.pipeline.proxy_batch_size=8",
+    ]
+    out = {}
+    for name, extra in (("one", []), ("two", DDP)):
+        results = tmp_path / name
+        cmd = [sys.executable, "-m", "aioli_repro.run", *common, f"results_dir={results}", *extra]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("summary: ") == 1  # one report, from rank 0
+        (pipeline,) = results.glob("doremi-*-pipeline-*/summary.json")
+        stages = sorted(p.name.rsplit("-", 1)[0] for p in results.iterdir())
+        out[name] = (stages, json.loads(pipeline.read_text()))
+    (stages_a, a), (stages_b, b) = out["one"], out["two"]
+    # the same stages, and nothing else in the results folder; trainer.devices is part of a stage's hash
+    # (the stage cache promises bitwise results, and DDP's reduction order differs in the last bits)
+    assert (
+        stages_a
+        == stages_b
+        == ["doremi-a_se-final", "doremi-a_se-pipeline", "doremi-a_se-proxy", "stratified-a_se-run"]
+    )
+    np.testing.assert_allclose(
+        list(b["learned_proportions"].values()), list(a["learned_proportions"].values()), atol=1e-5
+    )
+    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=2e-5)

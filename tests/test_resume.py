@@ -4,7 +4,7 @@ Every resume test compares a killed-and-resumed run with an uninterrupted one an
 equality of the numbers a table is built from (final val/test losses, the proportions trajectory,
 learned proportions, delivered sequences, periodic val losses) and of `metrics.jsonl`.
 
-Default suite: in-process kills (an exception, or a real SIGTERM/SIGUSR1 sent to the test process,
+Default suite: in-process kills (an exception, or a real SIGTERM/SIGUSR2 sent to the test process,
 which Lightning and our handlers turn into a clean stop). Slow suite (`make test-slow`): the kill
 matrix over every online method with real SIGTERM/SIGKILL in subprocesses of the CLI entry points.
 """
@@ -250,7 +250,7 @@ def test_slurm_requeue_is_configured_from_the_environment(cache_dir, monkeypatch
     for k, v in SLURM_ENV.items():
         monkeypatch.setenv(k, v)
     plugins, sig = slurm_setup(cfg)
-    assert sig == signal.SIGUSR1
+    assert sig == signal.SIGUSR2  # what submitit sends too: one requeue path
     (env,) = plugins
     # Lightning's own handler would save mid-step from inside the signal handler: ours saves at the boundary
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
@@ -269,7 +269,7 @@ def test_slurm_requeue_is_configured_from_the_environment(cache_dir, monkeypatch
     assert slurm_job_id() == "77_3"
 
 
-def test_slurm_sigusr1_saves_requeues_and_resumes_bitwise(
+def test_slurm_requeue_signal_saves_requeues_and_resumes_bitwise(
     cache_dir, tmp_path, monkeypatch, stratified_baseline
 ):
     ref, ref_dir = stratified_baseline
@@ -285,11 +285,11 @@ def test_slurm_sigusr1_saves_requeues_and_resumes_bitwise(
     cfg = compose_cfg(cache_dir, *STRATIFIED)
     run = tmp_path / "run"
     with pytest.raises(RunInterrupted) as exc:  # arrives during step 7
-        run_training(cfg, run, callbacks=[Interrupt(6, signal.SIGUSR1)])
-    assert exc.value.code == 128 + signal.SIGUSR1 and exc.value.requeue
+        run_training(cfg, run, callbacks=[Interrupt(6, signal.SIGUSR2)])
+    assert exc.value.code == 128 + signal.SIGUSR2 and exc.value.requeue
     assert log.read_text().split() == ["requeue", "4242"]
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 7  # the step boundary, not a periodic step
-    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handler removed after the run
+    assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None)  # handler removed after the run
     s = run_training(cfg, run)
     assert_same_results(ref, s)
     assert metrics_rows(run) == metrics_rows(ref_dir)

@@ -111,7 +111,7 @@ def test_submit_status_collect_cycle(cluster: dict, capsys: pytest.CaptureFixtur
         assert c["argv"][0] == "--parsable"
         lines = c["script"].splitlines()
         sb = [x.removeprefix("#SBATCH ") for x in lines if x.startswith("#SBATCH ")]
-        assert "--signal=USR1@300" in sb and "--requeue" in sb and "--open-mode=append" in sb
+        assert "--signal=USR2@300" in sb and "--requeue" in sb and "--open-mode=append" in sb
         assert "--gpus-per-node=1" in sb and "--nodes=1" in sb
         cpus = 16 if j.experiment == "table2_m7" else 8
         if j.experiment == "table2_m7":  # slurm_a100
@@ -258,7 +258,7 @@ def test_launcher_fields_signal_and_no_scheduler(tmp_path: Path, monkeypatch: py
     with pytest.raises(SystemExit, match="no such launcher field"):
         submit.launcher_options("slurm_a100", ["hydra.launcher.partiton=gpu"])
     assert submit.launcher_overrides(["hydra.sweep.dir=x", "seed=1"])[1] == ["hydra.sweep.dir=x"]
-    # the training code's signal, or none when it does not handle one (SIGUSR1 would kill the run)
+    # the training code's signal, or none when it does not handle one (SIGUSR2 would kill the run)
     assert submit.requeue_signal(_job(tmp_path, "grid")) == "USR2"
     assert submit.requeue_signal(_job(tmp_path, "grid", signal="off")) is None
     script = submit.sbatch_script(

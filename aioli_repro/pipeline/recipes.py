@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from aioli_repro import world
 from aioli_repro.config import ConfigError, validate_config
 from aioli_repro.fileio import atomic_write_json
 from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_hash, stage_lock
@@ -67,6 +68,8 @@ class Pipeline:
         if summary is None:
             # everything bad input can fail, before the stage's folder exists or "training in" is said
             checked = preflight(stage.cfg, extras=stage.extras)
+            if not world.is_launch_zero():  # DDP rank > 0: trains beside rank 0, which locks and writes
+                return run_training(stage.cfg, d, extras=stage.extras, checked=checked)
             with stage_lock(d):
                 summary = read_summary(d)  # another process may have finished it meanwhile
                 reused = summary is not None
@@ -410,6 +413,8 @@ def write_pipeline_summary(cfg: DictConfig, summary: dict, path: Path) -> None:
     """summary.json, then one small W&B run, so tables can be rebuilt from W&B logs alone."""
     from aioli_repro.training.pipeline_run_log import log_pipeline_run
 
+    if not world.is_launch_zero():
+        return  # DDP: rank 0 writes
     atomic_write_json(path, summary)
     wb = cfg.logger.wandb
     log_pipeline_run(summary, path.parent, mode=wb.mode, project=wb.project, entity=wb.entity)

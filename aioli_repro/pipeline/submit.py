@@ -17,7 +17,7 @@ tasks_per_node, cpus_per_task, mem_gb, timeout_min, additional_parameters and th
 launcher only; the submitit-only fields (max_num_timeout, array_parallelism, submitit_folder, name) do not
 apply here.
 
-Preemption and time limits: `--signal=<trainer.requeue_signal>@<signal_delay_s>` (SIGUSR1 by default,
+Preemption and time limits: `--signal=<trainer.requeue_signal>@<signal_delay_s>` (SIGUSR2 by default, as submitit,
 `aioli_repro.training.slurm`) and `--requeue`. The training code saves a checkpoint at the next step
 boundary on that signal and `scontrol requeue`s its own job; the requeued job (same id, same log file,
 `--open-mode=append`) re-runs the pipeline, which skips finished stages and resumes the interrupted one.
@@ -180,12 +180,12 @@ def fmt_time(minutes: int) -> str:
 
 
 def requeue_signal(job: Job) -> str | None:
-    """`USR1` (sbatch's spelling) of the job's `trainer.requeue_signal`, or None when the training code
-    does not handle it (`trainer.slurm_requeue=false`: the default action of SIGUSR1 would kill the run)."""
+    """`USR2` (sbatch's spelling) of the job's `trainer.requeue_signal`, or None when the training code
+    does not handle it (`trainer.slurm_requeue=false`: the default action of SIGUSR2 would kill the run)."""
     t = job.cfg.get("trainer") or {}
     if not bool(t.get("slurm_requeue", True)):
         return None
-    name = str(t.get("requeue_signal", "SIGUSR1")).upper()
+    name = str(t.get("requeue_signal", "SIGUSR2")).upper()
     name = name if name.startswith("SIG") else f"SIG{name}"
     if name not in SIGNALS:
         raise SystemExit(f"error: trainer.requeue_signal: unknown value {name!r}; allowed: {list(SIGNALS)}")

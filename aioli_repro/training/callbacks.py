@@ -352,8 +352,8 @@ class StepBoundaryCheckpoint(L.Callback):
     Lightning turns SIGTERM into a flag and stops after the current step; this callback writes the
     checkpoint at that step's end, at the same point of the loop as the periodic ModelCheckpoint (so
     a resume from it is exactly as from a periodic one) and, unlike Lightning's own SLURM handler, never
-    from inside a signal handler in the middle of a step. The requeue signal (SLURM, e.g. SIGUSR1 via
-    `--signal=USR1@120`) is handled the same way, then `RunInterrupted(requeue=True)` stops the run and
+    from inside a signal handler in the middle of a step. The requeue signal (SLURM, e.g. SIGUSR2 via
+    `--signal=USR2@120`) is handled the same way, then `RunInterrupted(requeue=True)` stops the run and
     the caller requeues the job. Place it after the MixingCallback (method state must be post-step).
     """
 

@@ -24,7 +24,7 @@ def slurm_setup(cfg: DictConfig) -> tuple[list, int | None]:
     """(Trainer plugins, requeue signal or None) for this process.
 
     Under SLURM, Lightning's default SLURMEnvironment(auto_requeue=True) saves an `hpc_ckpt_*.ckpt` from
-    inside its SIGUSR1 handler, i.e. in the middle of a step (sampler already advanced, optimizer not),
+    inside its requeue-signal handler, i.e. in the middle of a step (sampler already advanced, optimizer not),
     and prefers that file on the next start. We keep Lightning's SLURM environment with auto_requeue off
     and handle the requeue signal ourselves at the next step boundary (StepBoundaryCheckpoint), then
     `scontrol requeue` the job: the requeued job resumes exactly.
@@ -35,7 +35,7 @@ def slurm_setup(cfg: DictConfig) -> tuple[list, int | None]:
     trainer_cfg = cfg.get("trainer") or {}
     if slurm_job_id() is None or not bool(trainer_cfg.get("slurm_requeue", True)):
         return plugins, None
-    name = str(trainer_cfg.get("requeue_signal", "SIGUSR1")).upper()
+    name = str(trainer_cfg.get("requeue_signal", "SIGUSR2")).upper()
     name = name if name.startswith("SIG") else f"SIG{name}"
     allowed = ["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT"]
     if name not in allowed:
