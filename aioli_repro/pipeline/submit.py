@@ -17,10 +17,10 @@ tasks_per_node, cpus_per_task, mem_gb, timeout_min, additional_parameters and th
 launcher only; the submitit-only fields (max_num_timeout, array_parallelism, submitit_folder, name) do not
 apply here.
 
-Preemption and time limits: `--signal=<trainer.requeue_signal>@<signal_delay_s>` (SIGUSR2 by default, as submitit,
-`aioli_repro.training.slurm`) and `--requeue`. The training code saves a checkpoint at the next step
-boundary on that signal and `scontrol requeue`s its own job; the requeued job (same id, same log file,
-`--open-mode=append`) re-runs the pipeline, which skips finished stages and resumes the interrupted one.
+Preemption and time limits: `--signal=<trainer.requeue_signal>@<signal_delay_s>` (SIGUSR2 by default, as
+submitit sends; `aioli_repro.training.slurm`) and `--requeue`. The training code saves a checkpoint at the
+next step boundary on that signal and `scontrol requeue`s its own job; the requeued job (same id, same log
+file, `--open-mode=append`) re-runs the pipeline, which skips finished stages and resumes the interrupted one.
 The run is a job step (`srun`) because sbatch signals the job steps, not the batch shell.
 
 Dependencies are SLURM dependencies. A method that reuses another method's stages (`sweep.DEPENDS_ON`:
