@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from aioli_repro import reproduce
@@ -276,3 +277,21 @@ def test_launcher_fields_signal_and_no_scheduler(tmp_path: Path, monkeypatch: py
     assert lines[-1] == "[status] totals: 0 done, 0 running, 0 pending, 0 failed, 1 not submitted, " \
         "1 submitted (state unknown) (2 jobs)"  # fmt: skip
     assert submit.cell_counts(jobs) == (2, 2, 0)
+
+
+def test_a_multi_gpu_job_gets_one_task_per_gpu(tmp_path: Path) -> None:
+    """trainer.devices=N: N tasks and N GPUs on the node, and the run started as N tasks (DDP ranks), under
+    our sbatch scripts and under submitit (the launcher configs interpolate the job's device count)."""
+    opts = submit.launcher_options("slurm_a100")
+    for devices in (None, 2):
+        job = _job(tmp_path, "stratified")
+        if devices is not None:
+            job._cfg.trainer.devices = devices
+        n = devices or 1
+        script = submit.sbatch_script("table2", job, tmp_path, "slurm_a100", opts, "USR2")
+        assert f"#SBATCH --ntasks-per-node={n}\n" in script and f"#SBATCH --gpus-per-node={n}\n" in script
+        assert f"srun --ntasks={n} " in script
+    hydra_cfg = compose_config(
+        "hydra/launcher=slurm_a100", "trainer.devices=4", "cache_dir=/tmp/x", hydra_cfg=True
+    )
+    assert (hydra_cfg.hydra.launcher.tasks_per_node, hydra_cfg.hydra.launcher.gpus_per_node) == (4, 4)

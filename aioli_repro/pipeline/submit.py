@@ -192,8 +192,21 @@ def requeue_signal(job: Job) -> str | None:
     return name[3:]
 
 
-def sbatch_options(opts: dict, signal: str | None) -> list[str]:
-    """The `#SBATCH` options for the resources of a launcher config (without name, output, chdir)."""
+def job_fields(opts: dict, cfg: Any = None) -> dict:
+    """The launcher fields with the job's config filled in: `${trainer.devices}` (tasks and GPUs per node,
+    one DDP process per GPU) is the job's device count (1 where the job does not say)."""
+    out = dict(opts)
+    for k, v in opts.items():
+        if isinstance(v, str) and v.startswith("${trainer.") and v.endswith("}"):
+            value = OmegaConf.select(cfg, v[2:-1], default=None) if cfg is not None else None
+            out[k] = 1 if value is None else value
+    return out
+
+
+def sbatch_options(opts: dict, signal: str | None, cfg: Any = None) -> list[str]:
+    """The `#SBATCH` options for the resources of a launcher config (without name, output, chdir), for
+    the job whose config is `cfg`."""
+    opts = job_fields(opts, cfg)
     out = []
 
     def add(flag: str, value: Any) -> None:
@@ -266,7 +279,9 @@ def sbatch_script(
     head += ["--open-mode=append", f"--chdir={cwd}"]
     cmd = job_command(table, job, results_dir, verbose)
     cpus = opts.get("cpus_per_task")
-    srun = ["srun", "--ntasks=1", *([f"--cpus-per-task={cpus}"] if cpus else [])]
+    fields = job_fields(opts, job.cfg)
+    tasks = int(fields.get("tasks_per_node") or 1) * int(fields.get("nodes") or 1)  # DDP: one per GPU
+    srun = ["srun", f"--ntasks={tasks}", *([f"--cpus-per-task={cpus}"] if cpus else [])]
     q = shlex.quote
     lines = [
         "#!/bin/bash",
@@ -275,7 +290,7 @@ def sbatch_script(
         f"# requeue signal{f' (SIG{signal})' if signal else ''} the run saves a checkpoint at the next step "
         "boundary and requeues this",
         "# job; the requeued job skips the finished stages and resumes the interrupted one.",
-        *[f"#SBATCH {o}" for o in [*head, *sbatch_options(opts, signal)]],
+        *[f"#SBATCH {o}" for o in [*head, *sbatch_options(opts, signal, job.cfg)]],
         "",
         f"export AIOLI_CACHE={q(default_cache_dir())}",
         'export WANDB_SILENT="${WANDB_SILENT:-true}"',
