@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.pipeline.cost import sweep_cost
 from aioli_repro.pipeline.launch import default_n_jobs, fmt_seconds, run_hydra, run_inprocess
 from aioli_repro.pipeline.submit import cell_counts, status_lines, submit
 from aioli_repro.pipeline.sweep import (
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for j in jobs:
             print(f"{'done   ' if j.done else 'pending'} {j.label:<34} {' '.join(j.overrides)}")
+        print(sweep_cost(table, [j.cfg for j in jobs]).line())
         return 0
     if args.status:
         print("\n".join(status_lines(table, jobs, results_dir)), flush=True)
