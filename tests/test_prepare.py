@@ -274,8 +274,8 @@ def test_missing_tokenizer_on_an_offline_node_fails_at_once_naming_make_prepare(
     with pytest.raises(DataError, match=r"not in the HF cache.*make prepare.*data\.tokenizer=byte"):
         build_tokenizer("EleutherAI/this-tokenizer-does-not-exist-xyz")  # HF_HUB_OFFLINE=1 (conftest)
     # no HF_HUB_OFFLINE, but no route to the hub either: the same line, after one short probe
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
     for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(v, raising=False)
     probes = []
@@ -288,6 +288,27 @@ def test_missing_tokenizer_on_an_offline_node_fails_at_once_naming_make_prepare(
     with pytest.raises(DataError, match="make prepare"):
         build_tokenizer("EleutherAI/this-tokenizer-does-not-exist-xyz")
     assert probes == [(("huggingface.co", 443), 3)]
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the rest of the process is in the HF offline mode
+
+
+def test_slimpajama_on_an_offline_node_switches_to_offline_mode_and_names_make_prepare(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from aioli_repro.data.slimpajama import SlimPajamaSource
+
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    probes = []
+
+    def unreachable(address, timeout=None):
+        probes.append(address)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    src = SlimPajamaSource(hf_cache_dir=str(tmp_path / "hf"))  # the hub name, nothing cached
+    with pytest.raises(DataError, match=r"not in the HF datasets cache.*`make prepare`"):
+        list(src.documents("arxiv", "val"))
+    assert len(probes) == 1 and os.environ["HF_DATASETS_OFFLINE"] == "1"
 
 
 def test_a_cached_hub_tokenizer_loads_without_the_network(tmp_path: Path, monkeypatch) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aioli_repro.data.hub import offline_if_unreachable
 from aioli_repro.data.local import file_signature
 from aioli_repro.data.source import SLIMPAJAMA_GROUPS, SPLITS, DataError, GroupSource
 
@@ -149,6 +150,8 @@ class SlimPajamaSource(GroupSource):
             return self._datasets[hf_split]
         import datasets
 
+        # an offline node uses the HF cache at once (or fails at once) instead of retrying the hub for minutes
+        offline = self.local_files is None and offline_if_unreachable()
         try:
             if self.local_files is None:
                 ds = datasets.load_dataset(
@@ -172,6 +175,13 @@ class SlimPajamaSource(GroupSource):
         except DataError:
             raise
         except Exception as e:
+            if offline:
+                raise DataError(
+                    f"data.source.path: {self.path!r} split {hf_split!r} is not in the HF datasets cache and "
+                    "the HF hub is unreachable from this node; run `make prepare` (with the run's data, "
+                    "scale and groups overrides) once on a node with network, or point data.source.path at "
+                    "local files of the same schema"
+                ) from e
             where = (
                 "the HF hub is unreachable or the dataset name is wrong (if it is meant as a local path, it "
                 "does not exist)"

@@ -6,15 +6,13 @@ The cache (`cache.py`) only needs `encode` / `encode_batch`, `eos_id` and `vocab
 
 from __future__ import annotations
 
-import os
-import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
+from aioli_repro.data.hub import offline_if_unreachable
 from aioli_repro.data.source import DataError, Document
 
 
@@ -105,35 +103,17 @@ class HFTokenizer(Tokenizer):
         return [np.asarray(ids, dtype=np.int64) for ids in out]
 
 
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or the hub's host unreachable within 3 s (no proxy set)."""
-    if any(os.environ.get(v, "").strip().upper() in _TRUE for v in _OFFLINE_VARS):
-        return True
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return False  # the hub is reached through a proxy: let the download itself try
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
-
-
 def _load_hf_tokenizer(auto_tokenizer, name: str):
     """A local folder or a tokenizer already in the HF cache loads without the network (`local_files_only`,
     what HF_HUB_OFFLINE=1 does, for this one call): an offline node does not stall on the hub's retries.
-    Anything else is downloaded, or, on an offline node, fails at once naming `make prepare`."""
+    Anything else is downloaded, or, on an offline node (now in the HF offline mode), fails at once naming
+    `make prepare`."""
     try:
         return auto_tokenizer.from_pretrained(name, local_files_only=True)
     except Exception as e:  # not cached (OSError), or a broken local folder
         error = e
     if not (name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()):  # a hub name
-        if _hub_offline():
+        if offline_if_unreachable():
             raise DataError(
                 f"data.tokenizer: {name!r} is not in the HF cache and the HF hub is unreachable from this "
                 'node; run `make prepare ARGS="<the run\'s data/scale/groups overrides>"` once on a node '
