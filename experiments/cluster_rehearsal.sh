@@ -48,7 +48,11 @@ cat > "$WORK/bin/sbatch" <<'EOF'
 d="$(cd "$(dirname "$0")" && pwd)"; n=$(( $(cat "$d/next_id") + 1 )); echo "$n" > "$d/next_id"
 { printf '%s' "$n"; printf '\t%s' "$@"; printf '\n'; } >> "$d/sbatch.log"; cp "${@: -1}" "$d/scripts/$n.sbatch"; echo "$n"
 EOF
-printf '#!/bin/bash\nexit 0\n' > "$WORK/bin/squeue"
+cat > "$WORK/bin/squeue" <<'EOF'
+#!/bin/bash
+# every job submitted so far is still waiting for a node
+d="$(cd "$(dirname "$0")" && pwd)"; cut -f1 "$d/sbatch.log" 2>/dev/null | sed 's/$/ PENDING/'
+EOF
 printf '#!/bin/bash\nexit 0\n' > "$WORK/bin/sacct"
 echo 1000 > "$WORK/bin/next_id"
 chmod +x "$WORK/bin/sbatch" "$WORK/bin/squeue" "$WORK/bin/sacct"
