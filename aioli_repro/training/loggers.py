@@ -62,6 +62,15 @@ class JsonlLogger(Logger):
             self._fh.close()
             self._fh = None
 
+    def offset(self) -> int:
+        """Bytes written so far: the file is line-buffered, so exactly the rows logged up to now."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def rewind(self, offset: int) -> None:
+        """Drop the rows written after `offset` (a resumed run logs the steps after its checkpoint again)."""
+        if self.path.exists() and self.path.stat().st_size > offset:
+            os.truncate(self.path, offset)
+
 
 def make_wandb_logger(
     run_dir: Path, cfg: dict, project: str, mode: str, name: str | None, entity: str | None

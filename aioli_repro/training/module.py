@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -342,17 +341,13 @@ class MixingLM(L.LightningModule):
         return [lg for lg in self.trainer.loggers if isinstance(lg, JsonlLogger)]
 
     def _metrics_offsets(self) -> dict[str, int]:
-        # metrics.jsonl is line-buffered, so its size is exactly the rows logged up to this checkpoint
-        return {
-            lg.path.name: (lg.path.stat().st_size if lg.path.exists() else 0) for lg in self._jsonl_loggers()
-        }
+        return {lg.path.name: lg.offset() for lg in self._jsonl_loggers()}
 
     def _truncate_metrics(self, offsets: dict[str, int]) -> None:
         # Rows logged after the checkpoint by the interrupted process are logged again by this one.
         for lg in self._jsonl_loggers():
-            off = offsets.get(lg.path.name)
-            if off is not None and lg.path.exists() and lg.path.stat().st_size > off:
-                os.truncate(lg.path, off)
+            if lg.path.name in offsets:
+                lg.rewind(int(offsets[lg.path.name]))
 
     def configure_optimizers(self) -> dict:
         o = self.optim
