@@ -58,3 +58,14 @@ def test_paper_table2_script_plans_the_paper_sweep(tmp_path: Path) -> None:
     assert len(jobs) == 9 * 5 + 9 * 3
     assert all("scale=paper" in line for line in jobs)
     assert sum("groups=slimpajama_all" in line and "experiment=table2_m7" in line for line in jobs) == 27
+
+
+@pytest.mark.slow
+def test_cluster_rehearsal_prepares_submits_every_table2_job_and_reports(tmp_path: Path) -> None:
+    r = _run("cluster_rehearsal.sh", WORK=str(tmp_path / "rehearsal"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "7 packed" in r.stdout + r.stderr
+    assert "[submit] 252 SLURM jobs submitted" in r.stdout
+    assert "[status] totals: 0 done, 0 running, 252 pending, 0 failed, 0 not submitted" in r.stdout
+    # DML after grid search, DoReMi after the stratified run
+    assert "252 sbatch calls, 56 with --dependency=afterok" in r.stdout
