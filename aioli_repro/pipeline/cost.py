@@ -134,13 +134,18 @@ class SweepCost:
         return self.flops / SUSTAINED_FLOPS / 3600
 
     def line(self) -> str:
-        data = "?" if self.data_gb is None else f"{self.data_gb:,.0f}"
+        data = "?" if self.data_gb is None else _num(self.data_gb)
         return (
             f"[reproduce] cost (estimate, aioli_repro/pipeline/cost.py): {self.runs} training runs, "
-            f"{self.tokens / 1e9:,.2f}B tokens, {self.flops:.2e} FLOPs = {self.gpu_hours:,.0f} GPU-hours at "
+            f"{self.tokens / 1e9:,.2f}B tokens, {self.flops:.2e} FLOPs = {_num(self.gpu_hours)} GPU-hours at "
             f"{SUSTAINED_FLOPS / 1e12:.0f} TFLOP/s sustained; disk: data cache {data} GB + kept weights "
-            f"{self.weights_gb:,.1f} GB + {self.per_job_gb:,.2f} GB per job running at once"
+            f"{_num(self.weights_gb)} GB + {_num(self.per_job_gb)} GB per job running at once"
         )
+
+
+def _num(x: float) -> str:
+    """Whole numbers from 10 up, two significant digits below (a CPU miniature's fractions of an hour)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def sweep_cost(table: str, cfgs: list[DictConfig]) -> SweepCost:
