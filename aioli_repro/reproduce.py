@@ -51,6 +51,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
@@ -124,25 +125,78 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Plan the table's jobs, then one of: list them (--dry-run), report them (--status), submit them
+    (--launcher slurm), or run what is pending and build the table (--collect / --no-run: build only)."""
     args = parser().parse_intermixed_args(argv)
     if args.table == "detect-scale":
         scale, why = detect_scale()
         print(scale)
         print(f"# {why}", file=sys.stderr)
         return 0
-    table = args.table
-    overrides = list(args.overrides)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # W&B's console capture (the default) makes each CPU training step ~10x slower here (measured: 40 tiny
+    # steps 64 s with it, 7 s without); the runs' output is in metrics.jsonl / summary.json anyway
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    t0 = time.time()
+    sweep = _plan(args)
+    if args.dry_run:
+        for j in sweep.jobs:
+            print(f"{'done   ' if j.done else 'pending'} {j.label:<34} {' '.join(j.overrides)}")
+        print(sweep_cost(args.table, [j.cfg for j in sweep.jobs]).line())
+        return 0
+    if args.status:
+        print("\n".join(status_lines(args.table, sweep.jobs, sweep.results_dir)), flush=True)
+        return 0
+    if args.collect:
+        args.no_run = True
+        if not any(j.done for j in sweep.jobs):
+            print(
+                f"[reproduce] --collect: none of the {len(sweep.jobs)} {sweep.unit} has finished yet under "
+                f"{sweep.results_dir}: no table to build (see --status)",
+                flush=True,
+            )
+            return 0
+    if sweep.pending and not args.no_run and args.launcher == "slurm":
+        return _submit(args, sweep)
+    failures = _run_pending(args, sweep)
+    run_s = time.time() - t0
+    _build_and_report(args, sweep, argv, failures, t0, run_s)
+    for job, err in failures:
+        print(f"[reproduce] FAILED {job.label if job else ''}: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+@dataclass
+class _Sweep:
+    """The planned jobs of one table and what the messages say about them."""
+
+    table: str
+    jobs: list
+    overrides: list[str]
+    scale: str
+    scale_cfg: str
+    results_dir: Path
+
+    @property
+    def pending(self) -> list:
+        return [j for j in self.jobs if not j.done]
+
+    @property
+    def unit(self) -> str:
+        n = len(self.jobs)
+        if self.table == "table3":
+            return f"job{'s' * (n != 1)} (a base and a +aioli pipeline each)"
+        return f"pipeline{'s' * (n != 1)}"
+
+
+def _plan(args: argparse.Namespace) -> _Sweep:
+    """The table's jobs at the scale and seeds asked for, and which are done; prints the one-line count."""
+    table, overrides = args.table, list(args.overrides)
     if table == "table3":
         if args.fraction is not None:
             overrides.append(f"restricted.fraction={args.fraction}")
         if args.prior_steps is not None:
             overrides.append(f"restricted.prior_steps={args.prior_steps}")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    # W&B's console capture (the default) makes each CPU training step ~10x slower here (measured: 40 tiny
-    # steps 64 s with it, 7 s without); the runs' output is in metrics.jsonl / summary.json anyway
-    os.environ.setdefault("WANDB_CONSOLE", "off")
-
-    t0 = time.time()
     scale, scale_cfg = resolve_scale(args.scale)
     seeds, seeds_m7, baseline_seeds = default_seeds(
         scale_cfg, table, args.seeds, args.seeds_m7, args.baseline_seeds
@@ -155,61 +209,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, scale_cfg, results_dir, seeds, seeds_m7, _csv(args.settings), _csv(args.methods),
         job_overrides, baseline_seeds,
     )  # fmt: skip
-    pending = [j for j in jobs if not j.done]
-    n = len(jobs)
-    unit = (
-        f"pipeline{'s' * (n != 1)}"
-        if table != "table3"
-        else f"job{'s' * (n != 1)} (a base and a +aioli pipeline each)"
-    )
+    sweep = _Sweep(table, jobs, overrides, scale, scale_cfg, results_dir)
+    n, todo = len(jobs), len(sweep.pending)
     print(
-        f"[reproduce] {table} at scale {scale} (conf/scale/{scale_cfg}.yaml): {n} {unit}, "
-        f"{len(jobs) - len(pending)} done, {len(pending)} to run; results in {results_dir}",
+        f"[reproduce] {table} at scale {scale} (conf/scale/{scale_cfg}.yaml): {n} {sweep.unit}, "
+        f"{n - todo} done, {todo} to run; results in {results_dir}",
         flush=True,
     )
-    if args.dry_run:
-        for j in jobs:
-            print(f"{'done   ' if j.done else 'pending'} {j.label:<34} {' '.join(j.overrides)}")
-        print(sweep_cost(table, [j.cfg for j in jobs]).line())
-        return 0
-    if args.status:
-        print("\n".join(status_lines(table, jobs, results_dir)), flush=True)
-        return 0
-    if args.collect:
-        args.no_run = True
-        if not any(j.done for j in jobs):
-            print(
-                f"[reproduce] --collect: none of the {n} {unit} has finished yet under {results_dir}: no "
-                f"table to build (see --status)",
-                flush=True,
-            )
-            return 0
-    if pending and not args.no_run and args.launcher == "slurm":
-        # the cluster path: submit every pending job and return (nothing here waits for them)
-        failures = submit(table, jobs, results_dir, "slurm", overrides, args.verbose)
-        print(
-            "[reproduce] nothing waits for the jobs. Follow the sweep: the same command with --status; build "
-            "the table from what has finished: the same command with --collect"
-            + ("; run the same command again to submit the rest" if failures else ""),
-            flush=True,
-        )
-        for job, err in failures:
-            print(f"[reproduce] FAILED {job.label}: {err}", file=sys.stderr)
-        return 1 if failures else 0
+    return sweep
 
-    failures: list = []
-    if pending and not args.no_run:
-        if args.launcher == "inprocess":
-            n_jobs = args.n_jobs or default_n_jobs(scale_cfg)
-            failures = run_inprocess(table, jobs, results_dir, args.verbose, n_jobs)
-        else:
-            failures = run_hydra(table, jobs, args.launcher, results_dir, args.n_jobs, overrides)
-    run_s = time.time() - t0
+
+def _submit(args: argparse.Namespace, sweep: _Sweep) -> int:
+    """The cluster path: submit every pending job and return (nothing here waits for them)."""
+    failures = submit(args.table, sweep.jobs, sweep.results_dir, "slurm", sweep.overrides, args.verbose)
+    print(
+        "[reproduce] nothing waits for the jobs. Follow the sweep: the same command with --status; build "
+        "the table from what has finished: the same command with --collect"
+        + ("; run the same command again to submit the rest" if failures else ""),
+        flush=True,
+    )
+    for job, err in failures:
+        print(f"[reproduce] FAILED {job.label}: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _run_pending(args: argparse.Namespace, sweep: _Sweep) -> list:
+    """Train the pending jobs here (in-process pool) or through a Hydra launcher; return the failures."""
+    if not sweep.pending or args.no_run:
+        return []
+    if args.launcher == "inprocess":
+        n_jobs = args.n_jobs or default_n_jobs(sweep.scale_cfg)
+        return run_inprocess(args.table, sweep.jobs, sweep.results_dir, args.verbose, n_jobs)
+    return run_hydra(args.table, sweep.jobs, args.launcher, sweep.results_dir, args.n_jobs, sweep.overrides)
+
+
+def _build_and_report(
+    args: argparse.Namespace,
+    sweep: _Sweep,
+    argv: Sequence[str] | None,
+    failures: list,
+    t0: float,
+    run_s: float,
+) -> None:
+    """The table's files from whatever finished, and the wall-time line."""
+    jobs, n, unit, pending = sweep.jobs, len(sweep.jobs), sweep.unit, sweep.pending
+    done = sum(j.done for j in jobs)
     footer = (
-        f"{budget_line(jobs)}. Runs: {results_dir} ({sum(j.done for j in jobs)} of {n} {unit} finished). "
+        f"{budget_line(jobs)}. Runs: {sweep.results_dir} ({done} of {n} {unit} finished). "
         f"Built by `python -m aioli_repro.reproduce {' '.join(argv if argv is not None else sys.argv[1:])}`."
     )
-    tab, md, paths = build(table, jobs, scale, results_dir, Path(args.out_dir), args.source, footer)
+    _, md, paths = build(
+        args.table, jobs, sweep.scale, sweep.results_dir, Path(args.out_dir), args.source, footer
+    )
     print()
     print(md)
     for what, path in paths.items():
@@ -235,9 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f", {partial} more have fewer seeds than planned" if partial else ""),
             flush=True,
         )
-    for job, err in failures:
-        print(f"[reproduce] FAILED {job.label if job else ''}: {err}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":
