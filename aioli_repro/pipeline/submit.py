@@ -490,6 +490,38 @@ def submit(
             "error: --launcher slurm submits with sbatch, which is not on PATH: run this on a SLURM login "
             "node (or choose another --launcher)"
         )
+    options = _options_for(jobs, launcher, extra, log)
+    sdir = slurm_dir(results_dir)
+    (sdir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create the log folder
+    (sdir / "scripts").mkdir(parents=True, exist_ok=True)
+    with _submit_lock(results_dir):
+        records = load_records(results_dir)
+        queue = query_scheduler([str(records[job_key(j)]["job_id"]) for j in jobs if job_key(j) in records])
+        for j in jobs:
+            j.refresh()
+        if queue.error and any(not j.done and job_key(j) in records for j in jobs):
+            log(f"[submit] warning: {queue.error}: jobs submitted before are not resubmitted")
+        run = _Submission(table, jobs, results_dir, launcher, options, verbose, log, records, queue)
+        # the methods that reuse another job's stages go last, so their dependency has a job id
+        order = [j for j in jobs if j.method not in LATE_METHODS] + [
+            j for j in jobs if j.method in LATE_METHODS
+        ]
+        for job in order:
+            if not run.one(job):
+                break
+    counts, n = run.counts, len(jobs)
+    new = counts["submitted"] + counts["resubmitted"]
+    log(
+        f"[submit] {new} SLURM job{'s' * (new != 1)} submitted"
+        + (f" ({counts['resubmitted']} resubmitted)" if counts["resubmitted"] else "")
+        + f", {counts['queued']} already queued, {counts['done']} done, of {n}; "
+        f"scripts and logs in {sdir}, record {record_path(results_dir)}"
+    )
+    return run.failures
+
+
+def _options_for(jobs: list[Job], launcher: str, extra: Sequence[str], log: Callable[[str], None]) -> dict:
+    """Each launcher's fields with the command line's overrides, saying what does not apply."""
     _, ignored = launcher_overrides(extra)
     if ignored:
         log(f"[submit] note: not launcher fields, ignored by sbatch jobs: {' '.join(ignored)}")
@@ -502,74 +534,79 @@ def submit(
                 f"[submit] note: {name}: no partition set (hydra.launcher.partition=P, or "
                 f"hydra.launcher.{name}.partition=P): the cluster's default partition"
             )
-    sdir = slurm_dir(results_dir)
-    (sdir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create the log folder
-    (sdir / "scripts").mkdir(parents=True, exist_ok=True)
-    failures: list[tuple[Job, str]] = []
-    with _submit_lock(results_dir):
-        records = load_records(results_dir)
-        queue = query_scheduler([str(records[job_key(j)]["job_id"]) for j in jobs if job_key(j) in records])
-        for j in jobs:
-            j.refresh()
-        if queue.error and any(not j.done and job_key(j) in records for j in jobs):
-            log(f"[submit] warning: {queue.error}: jobs submitted before are not resubmitted")
-        by_cell = {(j.experiment, j.setting, j.seed, j.method): j for j in jobs}
-        active: dict[str, str] = {}  # job key -> SLURM id of its queued (or just submitted) job
-        counts = dict.fromkeys(("done", "queued", "submitted", "resubmitted"), 0)
-        signals: dict[str, str | None] = {}
-        n, width = len(jobs), len(str(len(jobs)))
-        number = {id(j): i for i, j in enumerate(jobs, 1)}
-        order = [j for j in jobs if j.method not in LATE_METHODS] + [
-            j for j in jobs if j.method in LATE_METHODS
-        ]
-        for job in order:
-            key = job_key(job)
-            rec = records.get(key)
-            state, note = classify(job, rec, queue)
-            if state == "done":
-                counts["done"] += 1
-                continue
-            dep_job = by_cell.get((job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, "")))
-            dep_id = active.get(job_key(dep_job)) if dep_job is not None and not dep_job.done else None
-            if state in ("pending", "running", "submitted"):
-                counts["queued"] += 1
-                active[key] = str(rec["job_id"])
-                old_dep = rec.get("dependency")
-                if state == "pending" and old_dep and dep_id and old_dep != f"afterok:{dep_id}":
-                    log(
-                        f"[submit] note: {job.label} ({rec['job_id']}) waits on a failed job ({old_dep}): "
-                        "SLURM cancels it (--kill-on-invalid-dep); submit again after that"
-                    )
-                continue
-            dependency = f"afterok:{dep_id}" if dep_id else None
-            name = launcher_of(job, launcher)
-            if job.experiment not in signals:
-                signals[job.experiment] = requeue_signal(job)
-            script = sdir / "scripts" / f"{key}.sbatch"
-            body = sbatch_script(
-                table, job, results_dir, name, options[name], signals[job.experiment], verbose
-            )
-            script.write_text(body)
-            jid, err = _sbatch(script, dependency)
-            if err:
-                failures.append((job, err))
-                log(f"[submit] FAILED {job.label}: {err} (script {script}); stopping")
-                break
-            records[key] = _record(table, job, results_dir, verbose, rec, note, jid, dependency, name, script)
-            save_records(results_dir, records)  # after every sbatch: a crash never loses a job id
-            active[key] = jid
-            counts["resubmitted" if rec else "submitted"] += 1
-            again = f", resubmitted after {rec['job_id']} ({note})" if rec else ""
-            after = f", after {dep_id}" if dep_id else ""
-            log(f"[{number[id(job)]:>{width}}/{n}] {job.label}: submitted as {jid} ({name}{after}{again})")
-    new = counts["submitted"] + counts["resubmitted"]
-    log(
-        f"[submit] {new} SLURM job{'s' * (new != 1)} submitted"
-        + (f" ({counts['resubmitted']} resubmitted)" if counts["resubmitted"] else "")
-        + f", {counts['queued']} already queued, {counts['done']} done, of {n}; "
-        f"scripts and logs in {sdir}, record {record_path(results_dir)}"
+    return options
+
+
+@dataclass
+class _Submission:
+    """One submit pass: the records and queue it started from, and what it has submitted so far."""
+
+    table: str
+    jobs: list[Job]
+    results_dir: Path
+    launcher: str
+    options: dict
+    verbose: bool
+    log: Callable[[str], None]
+    records: dict[str, dict]
+    queue: Queue
+    active: dict[str, str] = field(default_factory=dict)  # job key -> SLURM id of its queued/submitted job
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("done", "queued", "submitted", "resubmitted"), 0)
     )
-    return failures
+    signals: dict[str, str | None] = field(default_factory=dict)
+    failures: list[tuple[Job, str]] = field(default_factory=list)
+
+    def _dependency_id(self, job: Job) -> str | None:
+        cell = (job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, ""))
+        dep = next((j for j in self.jobs if (j.experiment, j.setting, j.seed, j.method) == cell), None)
+        return self.active.get(job_key(dep)) if dep is not None and not dep.done else None
+
+    def one(self, job: Job) -> bool:
+        """Submit `job` unless it is done or queued; False after a failed sbatch (stop submitting)."""
+        key, rec = job_key(job), self.records.get(job_key(job))
+        state, note = classify(job, rec, self.queue)
+        if state == "done":
+            self.counts["done"] += 1
+            return True
+        dep_id = self._dependency_id(job)
+        if state in ("pending", "running", "submitted"):
+            self.counts["queued"] += 1
+            self.active[key] = str(rec["job_id"])
+            old_dep = rec.get("dependency")
+            if state == "pending" and old_dep and dep_id and old_dep != f"afterok:{dep_id}":
+                self.log(
+                    f"[submit] note: {job.label} ({rec['job_id']}) waits on a failed job ({old_dep}): "
+                    "SLURM cancels it (--kill-on-invalid-dep); submit again after that"
+                )
+            return True
+        return self._sbatch(job, key, rec, note, dep_id)
+
+    def _sbatch(self, job: Job, key: str, rec: dict | None, note: str, dep_id: str | None) -> bool:
+        dependency = f"afterok:{dep_id}" if dep_id else None
+        name = launcher_of(job, self.launcher)
+        if job.experiment not in self.signals:
+            self.signals[job.experiment] = requeue_signal(job)
+        script = slurm_dir(self.results_dir) / "scripts" / f"{key}.sbatch"
+        opts, signal = self.options[name], self.signals[job.experiment]
+        script.write_text(sbatch_script(self.table, job, self.results_dir, name, opts, signal, self.verbose))
+        jid, err = _sbatch(script, dependency)
+        if err:
+            self.failures.append((job, err))
+            self.log(f"[submit] FAILED {job.label}: {err} (script {script}); stopping")
+            return False
+        self.records[key] = _record(
+            self.table, job, self.results_dir, self.verbose, rec, note, jid, dependency, name, script
+        )
+        save_records(self.results_dir, self.records)  # after every sbatch: a crash never loses a job id
+        self.active[key] = jid
+        self.counts["resubmitted" if rec else "submitted"] += 1
+        again = f", resubmitted after {rec['job_id']} ({note})" if rec else ""
+        after = f", after {dep_id}" if dep_id else ""
+        n = len(self.jobs)
+        number = next(i for i, j in enumerate(self.jobs, 1) if j is job)
+        self.log(f"[{number:>{len(str(n))}}/{n}] {job.label}: submitted as {jid} ({name}{after}{again})")
+        return True
 
 
 # -- status --------------------------------------------------------------------------------------------
