@@ -64,6 +64,7 @@ from aioli_repro.pipeline.sweep import (
     default_seeds,
     detect_scale,
     is_hydra_override,
+    job_configs,
     plan,
     resolve_scale,
 )
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for j in sweep.jobs:
             print(f"{'done   ' if j.done else 'pending'} {j.label:<34} {' '.join(j.overrides)}")
-        print(sweep_cost(args.table, [j.cfg for j in sweep.jobs]).line())
+        print(sweep_cost(args.table, job_configs(sweep.jobs)).line())
         return 0
     if args.status:
         print("\n".join(status_lines(args.table, sweep.jobs, sweep.results_dir)), flush=True)
