@@ -58,6 +58,7 @@ def test_paper_table2_script_plans_the_paper_sweep(tmp_path: Path) -> None:
     assert len(jobs) == 9 * 5 + 9 * 3
     assert all("scale=paper" in line for line in jobs)
     assert sum("groups=slimpajama_all" in line and "experiment=table2_m7" in line for line in jobs) == 27
+    assert "[reproduce] cost (estimate" in r.stdout and "GPU-hours" in r.stdout  # the bill, up front
 
 
 @pytest.mark.slow
