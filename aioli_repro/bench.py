@@ -270,7 +270,7 @@ def bench_sampler(cfg: DictConfig, packed: object, n: int = 2000) -> float:
     return n * cfg.train.batch_size * cfg.train.context_length / dt
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", default="tiny")
     ap.add_argument("--model", default=None, help="model config name (default: the scale's)")
@@ -282,8 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default="results/bench.json")
     ap.add_argument("--md", default="docs/benchmarks.md")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """Every benchmark of the module docstring on this machine; writes --out and appends to --md."""
+    args = _parser().parse_args(argv)
     from aioli_repro.training.preflight import build_data
     from aioli_repro.training.run import allow_tf32
 
@@ -293,41 +297,53 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     base = [f"scale={args.scale}", "logger=none", "progress=false"]
-    if args.model:
-        base.append(f"model={args.model}")
-    if args.data:
-        base.append(f"data={args.data}")
-    if args.compile:
-        base.append("train.compile=true")
+    base += [f"model={args.model}"] if args.model else []
+    base += [f"data={args.data}"] if args.data else []
+    base += ["train.compile=true"] if args.compile else []
     cfg = _cfg(base)
     _, packed = build_data(cfg)
     name = _device_name(device)
-    print(
-        f"[bench] device: {name}; model {cfg.model}; "
-        f"batch {cfg.train.batch_size} x {cfg.train.context_length}"
-    )
+    t = cfg.train
+    print(f"[bench] device: {name}; model {cfg.model}; batch {t.batch_size} x {t.context_length}")
+    result = {"device": name, **_step_throughput(cfg, packed, args.steps, args.pairs, device)}
+    result["ours_vs_hf"] = bench_hf(cfg, max(6, args.steps // 5), device)
+    result["sampler_vs_step"] = bench_sampler(cfg, packed) / result["tokens_per_s"]
+    result.update(_memory_and_mfu(cfg, result["tokens_per_s"], device, name))
+    methods = [m for m in args.methods.split(",") if m]
+    if methods:
+        result.update(bench_methods(base, args.method_steps, methods))
+    for m in ("aioli", "doge", "doremi"):
+        result.setdefault(f"{m}_vs_stratified", None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    _append_markdown(Path(args.md), result)
+    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
+    return result
 
-    warm = max(3, args.steps // 10)
-    # Alternate plain and Lightning runs and take the median of the per-pair ratios: on a shared or
-    # throttling machine a single plain/Lightning/plain bracket swings by +-10% (measured).
+
+def _step_throughput(cfg: DictConfig, packed: object, steps: int, n_pairs: int, device: torch.device) -> dict:
+    """Our Lightning step against a plain PyTorch loop, per phase.
+
+    Plain and Lightning runs alternate and the median of the per-pair ratios is kept: on a shared or
+    throttling machine a single plain/Lightning/plain bracket swings by +-10% (measured)."""
+    warm = max(3, steps // 10)
     pairs, light_all, plain_all, phases = [], [], [], None
-    for _ in range(max(1, args.pairs)):
-        plain_times, ph = bench_plain(cfg, packed, args.steps, device)
-        light_times = bench_lightning(cfg, packed, args.steps, device)
+    for _ in range(max(1, n_pairs)):
+        plain_times, ph = bench_plain(cfg, packed, steps, device)
+        light_times = bench_lightning(cfg, packed, steps, device)
         phases = phases or ph
         p_med, l_med = statistics.median(plain_times[warm:]), statistics.median(light_times[warm:])
         pairs.append(l_med / p_med)
         plain_all += plain_times[warm:]
         light_all += light_times[warm:]
-    plain_med = statistics.median(plain_all)
-    light_med = statistics.median(light_all)
+    plain_med, light_med = statistics.median(plain_all), statistics.median(light_all)
     tokens_per_step = cfg.train.batch_size * cfg.train.context_length
-    result: dict = {
-        "device": name,
+    return {
         "model": {k: v for k, v in dict(cfg.model).items() if k != "_target_"},
         "batch_size": cfg.train.batch_size,
         "context_length": cfg.train.context_length,
-        "steps": args.steps,
+        "steps": steps,
         "tokens_per_s": tokens_per_step / light_med,
         "plain_tokens_per_s": tokens_per_step / plain_med,
         "step_ms": light_med * 1e3,
@@ -335,31 +351,18 @@ def main(argv: list[str] | None = None) -> dict:
         "lightning_vs_plain_pairs": pairs,
         "phase_ms": {k: 1e3 * statistics.median(v[warm:]) for k, v in phases.items()},
     }
-    result["ours_vs_hf"] = bench_hf(cfg, max(6, args.steps // 5), device)
-    result["sampler_vs_step"] = bench_sampler(cfg, packed) / result["tokens_per_s"]
-    if device.type == "cuda":
-        model = build_model(instantiate(cfg.model))
-        flops = model.flops_per_token(cfg.train.context_length)
-        peak = _peak_flops(name)
-        result["mfu"] = (flops * result["tokens_per_s"] / peak) if peak else None
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        result["mfu"] = None
+
+
+def _memory_and_mfu(cfg: DictConfig, tokens_per_s: float, device: torch.device, name: str) -> dict:
+    """GPU: model FLOP utilisation and peak memory; CPU: peak resident memory (no MFU)."""
+    if device.type != "cuda":
         import resource
 
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    methods = [m for m in args.methods.split(",") if m]
-    if methods:
-        result.update(bench_methods(base, args.method_steps, methods))
-    for m in ("aioli", "doge", "doremi"):
-        result.setdefault(f"{m}_vs_stratified", None)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    _append_markdown(Path(args.md), result)
-    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
-    return result
+        return {"mfu": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    model = build_model(instantiate(cfg.model))
+    peak = _peak_flops(name)
+    mfu = model.flops_per_token(cfg.train.context_length) * tokens_per_s / peak if peak else None
+    return {"mfu": mfu, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def _fmt(v: object, spec: str = ".3f") -> str:
