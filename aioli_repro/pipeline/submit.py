@@ -557,9 +557,12 @@ class _Submission:
     signals: dict[str, str | None] = field(default_factory=dict)
     failures: list[tuple[Job, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.by_cell = {(j.experiment, j.setting, j.seed, j.method): j for j in self.jobs}
+        self.number = {id(j): i for i, j in enumerate(self.jobs, 1)}
+
     def _dependency_id(self, job: Job) -> str | None:
-        cell = (job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, ""))
-        dep = next((j for j in self.jobs if (j.experiment, j.setting, j.seed, j.method) == cell), None)
+        dep = self.by_cell.get((job.experiment, job.setting, job.seed, DEPENDS_ON.get(job.method, "")))
         return self.active.get(job_key(dep)) if dep is not None and not dep.done else None
 
     def one(self, job: Job) -> bool:
@@ -603,9 +606,8 @@ class _Submission:
         self.counts["resubmitted" if rec else "submitted"] += 1
         again = f", resubmitted after {rec['job_id']} ({note})" if rec else ""
         after = f", after {dep_id}" if dep_id else ""
-        n = len(self.jobs)
-        number = next(i for i, j in enumerate(self.jobs, 1) if j is job)
-        self.log(f"[{number:>{len(str(n))}}/{n}] {job.label}: submitted as {jid} ({name}{after}{again})")
+        n, i = len(self.jobs), self.number[id(job)]
+        self.log(f"[{i:>{len(str(n))}}/{n}] {job.label}: submitted as {jid} ({name}{after}{again})")
         return True
 
 
