@@ -114,73 +114,81 @@ def fit_log_linear(
     X = np.hstack([np.ones((N, 1)), -(P @ Q)])  # exponent = X @ (log b, z), A_i = Q z
     rng = np.random.default_rng(seed)
     c_all, b_all, A_all = np.zeros(m), np.zeros(m), np.zeros((m, m))
-    sq = np.sqrt(ridge)
-
-    for i in range(m):
-        y = L[:, i]
-        c_hi = float(y.min()) * (1.0 - 1e-9)
-
-        def resid(theta: np.ndarray, y: np.ndarray = y) -> np.ndarray:
-            e = np.exp(np.clip(X @ theta[1:], -700, 700))
-            return np.concatenate([theta[0] + e - y, sq * theta[2:]])
-
-        def jac(theta: np.ndarray, y: np.ndarray = y) -> np.ndarray:
-            e = np.exp(np.clip(X @ theta[1:], -700, 700))
-            top = np.hstack([np.ones((N, 1)), e[:, None] * X])
-            reg = np.hstack([np.zeros((m - 1, 2)), sq * np.eye(m - 1)])
-            return np.vstack([top, reg])
-
-        def profile(c: float, y: np.ndarray = y) -> np.ndarray:
-            w = np.log(y - c)
-            theta, *_ = np.linalg.lstsq(X, w, rcond=None)
-            return np.concatenate([[c], theta])
-
-        # step 1: profile c (log-spaced towards min L, where the fit is most sensitive)
-        grid = c_hi * (1.0 - np.geomspace(1e-4, 1.0, 40))
-        starts = sorted((profile(c) for c in grid), key=lambda th: float(np.sum(resid(th) ** 2)))[:3]
-        for _ in range(n_restarts):
-            th = profile(float(rng.uniform(0.0, c_hi)))
-            th[2:] += rng.normal(scale=1.0, size=m - 1)
-            starts.append(th)
-        best, best_cost = None, np.inf
-        lb = np.full(m + 1, -np.inf)
-        ub = np.full(m + 1, np.inf)
-        lb[0], ub[0] = 0.0, c_hi
-        for th0 in starts:
-            th0 = th0.copy()
-            th0[0] = float(np.clip(th0[0], 0.0, c_hi * (1 - 1e-12)))
-            try:
-                res = optimize.least_squares(
-                    resid,
-                    th0,
-                    jac=jac,
-                    bounds=(lb, ub),
-                    method="trf",
-                    x_scale="jac",
-                    xtol=1e-12,
-                    ftol=1e-12,
-                    gtol=1e-12,
-                    max_nfev=max_nfev,
-                )
-            except (ValueError, FloatingPointError):
-                continue
-            if np.isfinite(res.cost) and res.cost < best_cost:
-                best, best_cost = res.x, res.cost
+    for i in range(m):  # one rng, drawn group by group, so the restarts depend on the seed alone
+        best = _fit_one_group(X, L[:, i], rng, n_restarts, np.sqrt(ridge), max_nfev)
         if best is None:
             raise RuntimeError(f"fit_log_linear: no start converged for group {i}")
         c_all[i], b_all[i], A_all[i] = best[0], np.exp(best[1]), Q @ best[2:]
-
     law = LogLinearLaw(c_all, b_all, A_all)
-    pred = law.predict(P)
-    info = {
+    return law, _fit_info(L, law.predict(P), m)
+
+
+def _fit_one_group(
+    X: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_restarts: int, sq: float, max_nfev: int
+) -> np.ndarray | None:
+    """θ = (c, log b, z) minimising Σ_n (c + exp(X_n·(log b, z)) − y_n)² + sq²‖z‖², or None if no start
+    converged. Steps 1 (profile starts plus random restarts) and 2 (TRF refinement) of `fit_log_linear`."""
+    N, m = X.shape[0], X.shape[1]
+    c_hi = float(y.min()) * (1.0 - 1e-9)
+
+    def resid(theta: np.ndarray) -> np.ndarray:
+        e = np.exp(np.clip(X @ theta[1:], -700, 700))
+        return np.concatenate([theta[0] + e - y, sq * theta[2:]])
+
+    def jac(theta: np.ndarray) -> np.ndarray:
+        e = np.exp(np.clip(X @ theta[1:], -700, 700))
+        top = np.hstack([np.ones((N, 1)), e[:, None] * X])
+        reg = np.hstack([np.zeros((m - 1, 2)), sq * np.eye(m - 1)])
+        return np.vstack([top, reg])
+
+    def profile(c: float) -> np.ndarray:
+        theta, *_ = np.linalg.lstsq(X, np.log(y - c), rcond=None)
+        return np.concatenate([[c], theta])
+
+    # step 1: profile c (log-spaced towards min L, where the fit is most sensitive)
+    grid = c_hi * (1.0 - np.geomspace(1e-4, 1.0, 40))
+    starts = sorted((profile(c) for c in grid), key=lambda th: float(np.sum(resid(th) ** 2)))[:3]
+    for _ in range(n_restarts):
+        th = profile(float(rng.uniform(0.0, c_hi)))
+        th[2:] += rng.normal(scale=1.0, size=m - 1)
+        starts.append(th)
+    # step 2: refine every start within c ∈ [0, min y); keep the lowest cost
+    lb, ub = np.full(m + 1, -np.inf), np.full(m + 1, np.inf)
+    lb[0], ub[0] = 0.0, c_hi
+    best, best_cost = None, np.inf
+    for th0 in starts:
+        th0 = th0.copy()
+        th0[0] = float(np.clip(th0[0], 0.0, c_hi * (1 - 1e-12)))
+        try:
+            res = optimize.least_squares(
+                resid,
+                th0,
+                jac=jac,
+                bounds=(lb, ub),
+                method="trf",
+                x_scale="jac",
+                xtol=1e-12,
+                ftol=1e-12,
+                gtol=1e-12,
+                max_nfev=max_nfev,
+            )
+        except (ValueError, FloatingPointError):
+            continue
+        if np.isfinite(res.cost) and res.cost < best_cost:
+            best, best_cost = res.x, res.cost
+    return best
+
+
+def _fit_info(L: np.ndarray, pred: np.ndarray, m: int) -> dict:
+    """Goodness of fit of the predicted losses `pred` against the observed L (both (N, m))."""
+    return {
         "r2": r2_score(L, pred),
         "r2_pooled": r2_score(L, pred, multioutput="pooled"),
         "r2_per_group": [float(v) for v in r2_score(L, pred, multioutput="raw")],
         "mse": float(np.mean((L - pred) ** 2)),
-        "n_points": int(N),
+        "n_points": int(L.shape[0]),
         "n_params_per_group": int(m + 1),  # c, b and m−1 free entries of A_i· (the gauge removes one)
     }
-    return law, info
 
 
 # ---------------------------------------------------------------------------------------------------
