@@ -4,6 +4,8 @@ seed, expanded from the experiment configs as Hydra expands them) and what is al
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.fileio import atomic_write_json
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -247,77 +250,81 @@ def plan(
     restrict the sweep (None: all); a setting is kept in whichever experiment (m-class) sweeps it.
     baseline_seeds: methods outside `CORE_METHODS` keep only seeds below it (None: all).
     """
-    import hashlib
-    import json
-
-    from hydra import compose, initialize_config_dir
-
     # Composing is slow (0.2-0.8 s a config), so the expanded plan is cached under the results directory,
     # keyed by the arguments and the content of every config file: a re-run composes nothing.
-    h = hashlib.sha256(json.dumps([table, scale_cfg, str(results_dir), seeds, seeds_m7, settings, methods,
-                                   list(extra), baseline_seeds], default=str).encode())  # fmt: skip
-    for f in sorted(CONF.rglob("*.yaml")):
-        h.update(str(f.relative_to(CONF)).encode() + f.read_bytes())
-    cache = results_dir / ".plans" / f"{table}-{h.hexdigest()[:16]}.json"
-    if cache.exists():
-        try:
-            rows = json.loads(cache.read_text())
-            jobs = [
-                Job(r["experiment"], r["overrides"], [Path(d) for d in r["dirs"]], r["meta"]) for r in rows
-            ]
-            for j in jobs:
-                j.refresh()
-            return jobs
-        except (ValueError, KeyError, TypeError):
-            pass  # a stale or torn cache: compose again
-
-    jobs: list[Job] = []
+    key = [table, scale_cfg, str(results_dir), seeds, seeds_m7, settings, methods]
+    key += [list(extra), baseline_seeds]
+    cache = _plan_cache_path(table, results_dir, key)
+    jobs = _load_plan(cache)
+    if jobs is not None:
+        return jobs
+    jobs = []
     for experiment in EXPERIMENTS[table]:
         params = sweep_params(experiment)
-        wanted = params["groups"].split(",")
-        if settings:
-            wanted = [s for s in wanted if s in settings]
-            if not wanted:
-                continue
+        wanted = [s for s in params["groups"].split(",") if not settings or s in settings]
+        if not wanted:
+            continue
         n = seeds_m7 if experiment.endswith("_m7") else seeds
         args = job_arguments(
             table, experiment, scale_cfg, results_dir, n, wanted if settings else None, methods, extra
         )
-        composed: dict[tuple, DictConfig] = {}
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            for ov in expand_overrides(params, args):
-                # `seed=s` only sets a value: compose once per job without it, then set it (much faster
-                # than one compose per job at the paper's 196 jobs)
-                rest = tuple(o for o in ov if not _is_sweep_key(o, "seed"))
-                seed = [o.split("=", 1)[1] for o in ov if _is_sweep_key(o, "seed")]
-                if rest not in composed:
-                    composed[rest] = compose("train", overrides=[*rest, f"cache_dir={default_cache_dir()}"])
-                cfg = copy.deepcopy(composed[rest])
-                if seed:
-                    cfg.seed = int(seed[-1])
-                few = baseline_seeds is not None and str(cfg.method.name) not in CORE_METHODS
-                if few and int(cfg.seed) >= baseline_seeds:
-                    continue
-                job = Job(experiment, ov, pipeline_dirs(table, cfg, results_dir), job_meta(cfg), _cfg=cfg)
-                job.refresh()
-                jobs.append(job)
+        jobs += _compose_jobs(table, experiment, expand_overrides(params, args), results_dir, baseline_seeds)
     if settings:
         unknown = set(settings) - {j.setting for j in jobs}
         if unknown:
             raise SystemExit(f"error: --settings: unknown or not in {table}: {sorted(unknown)}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    rows = [
-        {
-            "experiment": j.experiment,
-            "overrides": j.overrides,
-            "dirs": [str(d) for d in j.dirs],
-            "meta": j.meta,
-        }
-        for j in jobs
-    ]
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, cache)
+    rows = [{"experiment": j.experiment, "overrides": j.overrides, "dirs": [str(d) for d in j.dirs],
+             "meta": j.meta} for j in jobs]  # fmt: skip
+    atomic_write_json(cache, rows, indent=None)
+    return jobs
+
+
+def _compose_jobs(
+    table: str, experiment: str, overrides: list[list[str]], results_dir: Path, baseline_seeds: int | None
+) -> list[Job]:
+    """One Job per override list, with its done flag; baselines' seeds at or above baseline_seeds dropped."""
+    from hydra import compose, initialize_config_dir
+
+    jobs, composed = [], {}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for ov in overrides:
+            # `seed=s` only sets a value: compose once per job without it, then set it (much faster
+            # than one compose per job at the paper's 196 jobs)
+            rest = tuple(o for o in ov if not _is_sweep_key(o, "seed"))
+            seed = [o.split("=", 1)[1] for o in ov if _is_sweep_key(o, "seed")]
+            if rest not in composed:
+                composed[rest] = compose("train", overrides=[*rest, f"cache_dir={default_cache_dir()}"])
+            cfg = copy.deepcopy(composed[rest])
+            if seed:
+                cfg.seed = int(seed[-1])
+            few = baseline_seeds is not None and str(cfg.method.name) not in CORE_METHODS
+            if few and int(cfg.seed) >= baseline_seeds:
+                continue
+            job = Job(experiment, ov, pipeline_dirs(table, cfg, results_dir), job_meta(cfg), _cfg=cfg)
+            job.refresh()
+            jobs.append(job)
+    return jobs
+
+
+def _plan_cache_path(table: str, results_dir: Path, key: list) -> Path:
+    """Where the plan for these arguments (`key`) and the present content of `conf/` is cached."""
+    h = hashlib.sha256(json.dumps(key, default=str).encode())
+    for f in sorted(CONF.rglob("*.yaml")):
+        h.update(str(f.relative_to(CONF)).encode() + f.read_bytes())
+    return results_dir / ".plans" / f"{table}-{h.hexdigest()[:16]}.json"
+
+
+def _load_plan(cache: Path) -> list[Job] | None:
+    """The cached plan's jobs with fresh done flags, or None when there is none or it is stale or torn."""
+    if not cache.exists():
+        return None
+    try:
+        rows = json.loads(cache.read_text())
+        jobs = [Job(r["experiment"], r["overrides"], [Path(d) for d in r["dirs"]], r["meta"]) for r in rows]
+    except (ValueError, KeyError, TypeError):
+        return None
+    for j in jobs:
+        j.refresh()
     return jobs
 
 
