@@ -116,6 +116,14 @@ def _per_group(field: str, value: object, kind: type, default: Mapping[str, obje
     return tuple(out)
 
 
+def _bounded_int(field: str, v: object, lo: int, hi: int | None = None) -> int:
+    """v as an int in [lo, hi], or a DataError naming data.source.<field>."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise DataError(f"data.source.{field}: expected an integer {rng}, got {v!r}")
+    return int(v)
+
+
 class SyntheticSource(GroupSource):
     """Seeded Markov group languages with copy spans, unequal group sizes and exact loss floors."""
 
@@ -138,23 +146,12 @@ class SyntheticSource(GroupSource):
         val_docs: int = 64,
         test_docs: int = 64,
     ) -> None:
-        def _int(field: str, v: object, lo: int, hi: int | None = None) -> int:
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, np.integer))
-                or v < lo
-                or (hi is not None and v > hi)
-            ):
-                rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-                raise DataError(f"data.source.{field}: expected an integer {rng}, got {v!r}")
-            return int(v)
-
-        self.seed = _int("seed", seed, 0)
+        self.seed = _bounded_int("seed", seed, 0)
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= float(rho) <= 1.0:
             raise DataError(f"data.source.rho: expected a number in [0, 1], got {rho!r}")
         self.rho = float(rho)
-        self.n_symbols = _int("n_symbols", n_symbols, 2, 255)
-        self.marker_id = _int("marker_id", marker_id, 0, 255)
+        self.n_symbols = _bounded_int("n_symbols", n_symbols, 2, 255)
+        self.marker_id = _bounded_int("marker_id", marker_id, 0, 255)
         if self.marker_id < self.n_symbols:
             raise DataError(
                 f"data.source.marker_id: must be >= n_symbols ({self.n_symbols}) so the Markov part never "
@@ -165,6 +162,23 @@ class SyntheticSource(GroupSource):
         self.copy_prob = _per_group("copy_prob", copy_prob, float, DEFAULT_COPY_PROB)
         self.span_len = _per_group("span_len", span_len, int, DEFAULT_SPAN_LEN)
         self.train_docs = _per_group("train_docs", train_docs, int, DEFAULT_TRAIN_DOCS)
+        self._check_groups()
+        self.min_copy_context = _bounded_int("min_copy_context", min_copy_context, 1)
+        if self.min_copy_context < max(self.span_len):
+            raise DataError(
+                f"data.source.min_copy_context: must be >= the longest span_len ({max(self.span_len)}) so "
+                f"every copy has a source, got {self.min_copy_context}"
+            )
+        self.min_len = _bounded_int("min_len", min_len, 1)
+        self.max_len = _bounded_int("max_len", max_len, self.min_len)
+        self.val_docs = _bounded_int("val_docs", val_docs, 1)
+        self.test_docs = _bounded_int("test_docs", test_docs, 1)
+
+        self._build_language()
+        self._floors: dict[tuple[str, str], float] = {}
+
+    def _check_groups(self) -> None:
+        """Each group's language parameters in range (the field and group named in the error)."""
         for g, b, c, q, L, n in zip(
             SLIMPAJAMA_GROUPS,
             self.branching,
@@ -186,19 +200,6 @@ class SyntheticSource(GroupSource):
                 raise DataError(f"data.source.span_len[{g}]: expected >= 1, got {L}")
             if n < 1:
                 raise DataError(f"data.source.train_docs[{g}]: expected >= 1, got {n}")
-        self.min_copy_context = _int("min_copy_context", min_copy_context, 1)
-        if self.min_copy_context < max(self.span_len):
-            raise DataError(
-                f"data.source.min_copy_context: must be >= the longest span_len ({max(self.span_len)}) so "
-                f"every copy has a source, got {self.min_copy_context}"
-            )
-        self.min_len = _int("min_len", min_len, 1)
-        self.max_len = _int("max_len", max_len, self.min_len)
-        self.val_docs = _int("val_docs", val_docs, 1)
-        self.test_docs = _int("test_docs", test_docs, 1)
-
-        self._build_language()
-        self._floors: dict[tuple[str, str], float] = {}
 
     # --- the language ---------------------------------------------------------------------------
     def _build_language(self) -> None:
