@@ -95,6 +95,13 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def _pos_int(name: str, v: object, minimum: int = 1) -> int:
+    """v as an int >= minimum, or a ValueError naming method.mixer.<name>."""
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"method.mixer.{name}: must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
 class Aioli(MixingMethod):
     """Online Aioli: A^t learned in-run by LearnParams, p by exponentiated gradient.
 
@@ -160,19 +167,21 @@ class Aioli(MixingMethod):
 
     # -- set-up ---------------------------------------------------------------------------------
     def _validate(self, ctx: MixingContext) -> None:
-        def pos_int(name: str, v: object, minimum: int = 1) -> int:
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
-                raise ValueError(f"method.mixer.{name}: must be an integer >= {minimum}, got {v!r}")
-            return int(v)
-
-        m = ctx.m
-        if m < 2:
+        """Every mixer field checked against the run (ctx); a ValueError names the first bad field."""
+        if ctx.m < 2:
             raise ValueError(f"groups.names: Aioli needs at least 2 groups, got {ctx.groups}")
         if not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) or not self.eta >= 0:
             raise ValueError(f"method.mixer.eta: must be a number >= 0 (0: the null arm), got {self.eta!r}")
-        self.lp_rounds = pos_int("lp_rounds", self.lp_rounds)
-        self.lp_steps = pos_int("lp_steps", self.lp_steps)
-        self.prior_steps = pos_int("prior_steps", self.prior_steps, minimum=0)
+        self.lp_rounds = _pos_int("lp_rounds", self.lp_rounds)
+        self.lp_steps = _pos_int("lp_steps", self.lp_steps)
+        self.prior_steps = _pos_int("prior_steps", self.prior_steps, minimum=0)
+        self._validate_prior(ctx)
+        self._validate_rounds(ctx)
+        self._validate_options(ctx.m)
+
+    def _validate_prior(self, ctx: MixingContext) -> None:
+        """The restricted setting's prior mixture and its length (prior_steps) agree with each other."""
+        m = ctx.m
         if self.prior_steps >= ctx.max_steps:
             raise ValueError(
                 f"method.mixer.prior_steps: must be < train.max_steps={ctx.max_steps} (Aioli needs steps "
@@ -192,9 +201,13 @@ class Aioli(MixingMethod):
                     f"method.mixer.prior: need {m} non-negative values summing to 1 (groups {ctx.groups}), "
                     f"got {self.prior}"
                 )
+
+    def _validate_rounds(self, ctx: MixingContext) -> None:
+        """Rounds of update_steps tile the dynamic phase and leave room after LearnParams; sets self.U."""
+        m = ctx.m
         dynamic = ctx.max_steps - self.prior_steps
         # None: Aioli-Static, one round over the whole dynamic phase
-        U = dynamic if self.update_steps is None else pos_int("update_steps", self.update_steps)
+        U = dynamic if self.update_steps is None else _pos_int("update_steps", self.update_steps)
         self.U = U
         lp_total = self.lp_rounds * m * self.lp_steps
         if dynamic % U != 0:
@@ -210,6 +223,9 @@ class Aioli(MixingMethod):
                 f"{self.lp_rounds}·{m}·{self.lp_steps} = {lp_total} steps per round, which must be < "
                 f"update_steps = {U} to leave exploitation steps"
             )
+
+    def _validate_options(self, m: int) -> None:
+        """The probe factor, EMA, rule names and probe evaluation size."""
         f = self.one_hot_factor
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not (1.0 / m < f <= 1.0):
             raise ValueError(
@@ -228,7 +244,7 @@ class Aioli(MixingMethod):
             if value not in allowed:
                 raise ValueError(f"method.mixer.{field}: unknown {value!r}; allowed: {list(allowed)}")
         if self.eval_max_seqs is not None:
-            self.eval_max_seqs = pos_int("eval_max_seqs", self.eval_max_seqs)
+            self.eval_max_seqs = _pos_int("eval_max_seqs", self.eval_max_seqs)
 
     def setup(self, ctx: MixingContext) -> None:
         super().setup(ctx)
