@@ -237,6 +237,15 @@ def build_comparison(
     table.index.name = "Method"
     for c in cells.to_dict("records"):
         table.loc[c["row"], c["setting"]] = _fmt_cell(c)
+    _fill_row_summaries(table, cells, d, labels, methods)
+    table.attrs.update(cells=cells.to_dict("records"), scale=scale, data_label=data_label)
+    return table, _comparison_markdown(table, cells, scale, data_label, title)
+
+
+def _fill_row_summaries(
+    table: pd.DataFrame, cells: pd.DataFrame, d: pd.DataFrame, labels: list[str], methods: list[str]
+) -> None:
+    """Each row's seeds, W/T/L against stratified, extra runs and tokens, in place."""
     for label in labels:
         mine = cells[cells["row"] == label]
         if len(mine):
@@ -250,7 +259,12 @@ def build_comparison(
         if len(runs):
             table.loc[method_label(method), EXTRA] = f"{round(float(runs['extra_runs'].mean()), 2):g}"
             table.loc[method_label(method), TOKENS] = _human(float(runs["total_tokens"].mean()))
-    table.attrs.update(cells=cells.to_dict("records"), scale=scale, data_label=data_label)
+
+
+def _comparison_markdown(
+    table: pd.DataFrame, cells: pd.DataFrame, scale: str | None, data_label: str, title: str | None
+) -> str:
+    """The comparison as Markdown: header, table, notes, and the headroom share where there is headroom."""
     title = title or f"Comparison (scale: {scale or 'all'}, data: {data_label}"
     header = f"**{title}; {_seeds_text(cells['n'].tolist())})**"
     pct = int(round(LEVEL * 100))
@@ -269,13 +283,13 @@ def build_comparison(
     md = f"{header}\n\n{to_markdown(table)}\n\n{notes}\n"
     share = headroom_share(cells)
     if share is not None:
-        title = "**Share of the headroom captured** (method Δ / headroom Δ, mean differences)"
-        md += f"\n{title}\n\n{to_markdown(share)}\n"
+        share_title = "**Share of the headroom captured** (method Δ / headroom Δ, mean differences)"
+        md += f"\n{share_title}\n\n{to_markdown(share)}\n"
         md += (
             "\nOnly settings whose headroom interval lies below 0; elsewhere there is no headroom to capture "
             "(a negative control: the right answer is a tie with stratified).\n"
         )
-    return table, md
+    return md
 
 
 def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
