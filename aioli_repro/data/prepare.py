@@ -361,26 +361,40 @@ def prepare(
         f"{len(todo)} to pack, {len(done)} already there (to verify); {n} worker process(es); cache {root}",
     )
     t_load = time.perf_counter()
-    if todo:
-        if isinstance(source, SlimPajamaSource):
-            _say(progress, f"[prepare] loading {source.path} (downloaded on first use), indexing its groups")
-        hints = {g: _size_hint(source, g) for g in todo}
-        todo.sort(key=lambda g: -hints[g])  # stable: equal hints keep the config's order
+    todo = _largest_first(source, todo, progress)
     load_s = time.perf_counter() - t_load
     entries = [
         group_cache_dir(source, tokenizer, g, int(context_length), cache_dir, int(seed)).name for g in groups
     ]
     _update_prepared(root, settings, drop=tuple(entries))  # their files are hashed again, in full, below
     t0 = time.perf_counter()
-    results: dict[str, GroupResult] = {}
-    for k, r in enumerate(_results(work, todo + done, n), 1):
-        results[r.group] = r
-        if r.status != "failed":
-            _update_prepared(root, settings, add=r)
-        _say(progress, result_line(r, k, len(groups)))
+    results = _pack_and_record(work, todo + done, n, root, settings)
     report = PrepareReport(root, n, results, time.perf_counter() - t0, load_s)
     _say(progress, summary_line(report))
     return report
+
+
+def _largest_first(source: GroupSource, todo: list[str], progress: bool) -> list[str]:
+    """The groups to pack, largest first, so the longest pack starts at once (loads the source's index)."""
+    if not todo:
+        return todo
+    if isinstance(source, SlimPajamaSource):
+        _say(progress, f"[prepare] loading {source.path} (downloaded on first use), indexing its groups")
+    hints = {g: _size_hint(source, g) for g in todo}
+    return sorted(todo, key=lambda g: -hints[g])  # stable: equal hints keep the config's order
+
+
+def _pack_and_record(
+    work: _Work, groups: list[str], n: int, root: Path, settings: dict
+) -> dict[str, GroupResult]:
+    """Pack or verify the groups on n processes, adding each finished one to the prepared record."""
+    results: dict[str, GroupResult] = {}
+    for k, r in enumerate(_results(work, groups, n), 1):
+        results[r.group] = r
+        if r.status != "failed":
+            _update_prepared(root, settings, add=r)
+        _say(work.progress, result_line(r, k, len(groups)))
+    return results
 
 
 def result_line(r: GroupResult, k: int, n: int) -> str:
