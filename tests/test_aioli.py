@@ -355,7 +355,8 @@ def _compose(overrides: list[str]):
 @pytest.mark.parametrize("method", ["aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal"])
 @pytest.mark.parametrize("groups", ["a_se", "a_b_se", "slimpajama_all"])
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
-def test_configs_compose_and_validate(method, groups, scale):
+def test_aioli_released_hyper_parameters(method, groups, scale):
+    """Each Aioli variant's values per m (composition itself: test_config's matrix)."""
     cfg = _compose([f"method={method}", f"groups={groups}", f"scale={scale}", "logger=none"])
     meth = instantiate(cfg.method.mixer)
     assert isinstance(meth, Aioli) and cfg.method.name == method

@@ -330,7 +330,8 @@ def test_doge_state_round_trip_and_val_sampling() -> None:
 # -- configs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
 @pytest.mark.parametrize("method", ["doremi", "doge"])
-def test_configs_compose_and_instantiate(method: str, scale: str) -> None:
+def test_doremi_doge_released_hyper_parameters(method: str, scale: str) -> None:
+    """mu and the proxy schedule per m (composition itself: test_config's matrix)."""
     steps = (5000, 5000, 40000)  # (m=2, m=3, m=7) at paper scale
     expected = {
         "doremi": {"mu": (0.01, 0.01, 0.01), "proxy_steps": steps, "proxy_batch_size": (8, 8, 8)},

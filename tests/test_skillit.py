@@ -11,7 +11,7 @@ from conftest import compose_config
 from hydra.utils import instantiate
 
 import aioli_repro.config  # noqa: F401  (registers resolvers)
-from aioli_repro.config import SETTINGS, validate_config
+from aioli_repro.config import SETTINGS
 from aioli_repro.mixing.base import MixingContext, StepStats
 from aioli_repro.mixing.skillit import SkillIt, lmo_matrix, skills_graph_from_losses
 
@@ -195,11 +195,12 @@ EXPECTED = {  # (update_steps, graph_steps, grid n_runs) per scale and m
 
 @pytest.mark.parametrize("scale", ["tiny", "paper"])
 @pytest.mark.parametrize("setting", ["a_se", "a_b_se", "slimpajama_all"])
-def test_skillit_config_composes_and_instantiates(scale, setting):
+def test_skillit_grid_dml_released_hyper_parameters(scale, setting):
+    """Skill-It's rounds and graph runs, and the grid/DML sweep size, per m (composition itself:
+    test_config's matrix); an inline graph and the pipeline's graph both reach the method."""
     m = len(SETTINGS[setting])
     graph = np.round(np.eye(m) * 0.6 + 0.1, 3).tolist()
     cfg = _compose([f"scale={scale}", f"groups={setting}", "method=skillit", f"method.mixer.graph={graph}"])
-    validate_config(cfg)
     update_steps, graph_steps, n_runs = EXPECTED[(scale, m)]
     assert cfg.method.name == "skillit"
     assert cfg.method.mixer.update_steps == update_steps and cfg.method.mixer.eta == 0.2
