@@ -31,18 +31,16 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import aioli_repro.config  # noqa: F401  (resolvers)
+from aioli_repro.config import compose_train
 from aioli_repro.data.datamodule import MixtureDataModule
 from aioli_repro.mixing.static import Stratified
 from aioli_repro.model import build_model, lm_token_losses
 from aioli_repro.training.callbacks import MixingCallback
 from aioli_repro.training.module import MixingLM, OptimConfig, lr_at, param_groups
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 6000 Ada": 364e12}
 
 
@@ -65,8 +63,7 @@ def _peak_flops(name: str) -> float | None:
 
 
 def _cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_train(overrides)
 
 
 class _StepTimer(L.Callback):

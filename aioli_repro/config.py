@@ -1,8 +1,9 @@
 """Config helpers: Hydra resolvers, and one validation pass whose errors name the field.
 
 `register_resolvers()` registers the `by_m`, `setting_key` and `setting_label` resolvers the configs in
-`conf/` use (idempotent). Importing this module still calls it, for the entry points and modules that
-rely on `import aioli_repro.config` alone; new code should call it explicitly before composing.
+`conf/` use (idempotent). Importing this module does not: the entry points call it before Hydra composes,
+`compose_train` (the one way the package composes `conf/train.yaml` itself) calls it, and so does
+`validate_config`, which every config passes before it is used (a caller's own `compose` included).
 
 `validate_config(cfg)` checks every field of `FIELDS` (type, range, allowed values) and the relations
 between fields, before any data is built or any model allocated. Each error is a `ConfigError` whose
@@ -15,13 +16,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from aioli_repro.data.source import SLIMPAJAMA_GROUPS
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -85,6 +90,15 @@ def register_resolvers() -> None:
     for name, fn in _RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def compose_train(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """`conf/train.yaml` composed with Hydra overrides, resolvers registered (outside `@hydra.main`)."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 # -- the fields ------------------------------------------------------------------------------------------
@@ -320,7 +334,9 @@ def _check_field(cfg: DictConfig, path: str, field: Field) -> Any:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check every field of `FIELDS`, then the relations between fields, before any data is built or any
-    model allocated. Raises a ConfigError whose message starts with the field's dotted name."""
+    model allocated. Raises a ConfigError whose message starts with the field's dotted name.
+    Registers the resolvers first: every config passes here before it is used, however it was composed."""
+    register_resolvers()
     names = _check_field(cfg, "groups.names", FIELDS["groups.names"])
     v = {path: _check_field(cfg, path, field) for path, field in FIELDS.items() if path != "groups.names"}
     ctx, model_ctx = v["train.context_length"], v["model.context_length"]
@@ -340,6 +356,3 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method.pipeline.n_children: needs at least m + 1 = {len(names) + 1} children, got {n_children}"
         )
-
-
-register_resolvers()  # at import, kept: entry points and modules rely on `import aioli_repro.config` for it

@@ -23,13 +23,17 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from aioli_repro.config import validate_config
+from aioli_repro.config import register_resolvers, validate_config
 from aioli_repro.data.prepare import PrepareReport, prepare
 from aioli_repro.fileio import shown_path
 from aioli_repro.train import user_error_exit
 from aioli_repro.training.preflight import USER_ERRORS, check_data, report_data
 
 _WORKERS: int | None = None  # --workers, taken off the command line before Hydra sees it
+
+# an entry point: Hydra resolves run_name (the setting_key resolver) before main runs, and a SLURM job
+# imports this module to run main, so registering here covers both
+register_resolvers()
 
 
 def pop_workers(argv: list[str]) -> int | None:

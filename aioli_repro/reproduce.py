@@ -54,7 +54,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.cost import sweep_cost
 from aioli_repro.pipeline.launch import default_n_jobs, fmt_seconds, run_hydra, run_inprocess
 from aioli_repro.pipeline.submit import cell_counts, status_lines, submit

@@ -12,8 +12,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.config import register_resolvers
 from aioli_repro.pipeline.restricted import run_restricted
+
+# an entry point: Hydra resolves run_name (the setting_key resolver) before main runs, and a SLURM job
+# imports this module to run main, so registering here covers both
+register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

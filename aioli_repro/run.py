@@ -12,13 +12,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro import world
+from aioli_repro.config import register_resolvers
 from aioli_repro.pipeline.recipes import run_method
 from aioli_repro.train import user_error_exit
 from aioli_repro.training.preflight import USER_ERRORS, build, report_data
 from aioli_repro.training.run_dirs import default_layout, remove_if_unused
 from aioli_repro.training.summary import format_summary
+
+# an entry point: Hydra resolves run_name (the setting_key resolver) before main runs, and a SLURM job
+# imports this module to run main, so registering here covers both
+register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -18,11 +18,16 @@ import hydra
 from omegaconf import DictConfig
 
 from aioli_repro import world
+from aioli_repro.config import register_resolvers
 from aioli_repro.fileio import shown_path
 from aioli_repro.training.preflight import USER_ERRORS, preflight, report_data
 from aioli_repro.training.run import run_training
 from aioli_repro.training.run_dirs import default_layout, find_unfinished_run, remove_if_unused
 from aioli_repro.training.summary import format_summary
+
+# an entry point: Hydra resolves run_name (the setting_key resolver) before main runs, and a SLURM job
+# imports this module to run main, so registering here covers both
+register_resolvers()
 
 
 def user_error_exit(e: Exception) -> None:

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.config import compose_train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -20,8 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def compose_config(*overrides: str, hydra_cfg: bool = False):
     """The one way tests compose `conf/train.yaml` with overrides (a missing config fails the test)."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    return compose_train(overrides, return_hydra_config=hydra_cfg)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.data.sampler import MixtureSampler
 from aioli_repro.mixing.aioli import Aioli, normalize_A, probe_mixtures
 from aioli_repro.mixing.base import MixingContext, StepStats

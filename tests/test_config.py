@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,26 @@ def test_register_resolvers_is_idempotent():
     register_resolvers()
     for name in ("by_m", "setting_key", "setting_label"):
         assert OmegaConf.has_resolver(name)
+
+
+def test_importing_config_registers_nothing_and_validate_registers(tmp_path):
+    """No import side effect: a fresh process that imports the package has no resolvers until it calls
+    `validate_config` (which every config passes) or `compose_train`; a config composed with Hydra's own
+    `compose` then resolves `by_m` (paper max_steps for m = 7)."""
+    code = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "import aioli_repro.config as c, aioli_repro.pipeline.recipes, aioli_repro.training.run\n"
+        "print(OmegaConf.has_resolver('by_m'))\n"
+        "with initialize_config_dir(config_dir=str(c.CONF_DIR), version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['scale=paper', 'groups=slimpajama_all', 'cache_dir=/tmp/x'])\n"
+        "c.validate_config(cfg)\n"
+        "print(OmegaConf.has_resolver('by_m'), cfg.train.max_steps, cfg.groups.key)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.split() == ["False", "True", "40000", "slimpajama_all"]
 
 
 # -- stage hashes: declaring a key in conf/ must not orphan finished results ----------------------------

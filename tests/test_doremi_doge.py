@@ -13,7 +13,6 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.mixing.base import Batch, MixingContext, StepContext
 from aioli_repro.mixing.doge import DoGE, _clip_coef, _grad_norm
 from aioli_repro.mixing.doremi import DoReMi

@@ -10,7 +10,6 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.config import SETTINGS
 from aioli_repro.mixing.base import MixingContext, StepStats
 from aioli_repro.mixing.skillit import SkillIt, lmo_matrix, skills_graph_from_losses

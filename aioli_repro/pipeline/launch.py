@@ -14,7 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.sweep import (
     CORE_METHODS,
     DEFAULT_SEEDS,

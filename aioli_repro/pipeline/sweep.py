@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
+from aioli_repro.config import compose_train
 from aioli_repro.fileio import atomic_write_json
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -143,17 +143,28 @@ def job_meta(cfg: DictConfig) -> dict:
 
 
 def job_configs(jobs: list[Job]) -> list[DictConfig]:
-    """Every job's composed config, composing once per set of overrides but the seed (as `plan` does): a
-    cached plan's jobs carry no config, and composing each of the paper's 252 takes about a minute."""
-    composed: dict[tuple, DictConfig] = {}
-    for j in jobs:
-        if j._cfg is None:
-            rest = tuple(o for o in j.overrides if not _is_sweep_key(o, "seed"))
-            if rest not in composed:
-                composed[rest] = compose_job(list(rest))
-            j._cfg = copy.deepcopy(composed[rest])
-            j._cfg.seed = j.seed
+    """Every job's composed config: a cached plan's jobs carry none."""
+    todo = [j for j in jobs if j._cfg is None]
+    for j, cfg in zip(todo, _compose_per_seed([j.overrides for j in todo]), strict=True):
+        j._cfg = cfg
     return [j.cfg for j in jobs]
+
+
+def _compose_per_seed(overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    """Each override list's config. `seed=s` only sets a value, so each set of overrides but the seed is
+    composed once and the seed set after (composing each of the paper's 252 jobs takes about a minute)."""
+    composed: dict[tuple, DictConfig] = {}
+    out = []
+    for ov in overrides:
+        rest = tuple(o for o in ov if not _is_sweep_key(o, "seed"))
+        seed = [o.split("=", 1)[1] for o in ov if _is_sweep_key(o, "seed")]
+        if rest not in composed:
+            composed[rest] = compose_job(rest)
+        cfg = copy.deepcopy(composed[rest])
+        if seed:
+            cfg.seed = int(seed[-1])
+        out.append(cfg)
+    return out
 
 
 def default_cache_dir() -> str:
@@ -174,14 +185,8 @@ def expand_overrides(params: dict, arguments: Sequence[str]) -> list[list[str]]:
 
 def sweep_params(experiment: str, arguments: Sequence[str] = ()) -> dict:
     """hydra.sweeper.params of an experiment config."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        c = compose(
-            "train",
-            overrides=[f"experiment={experiment}", f"cache_dir={default_cache_dir()}", *arguments],
-            return_hydra_config=True,
-        )
+    overrides = [f"experiment={experiment}", f"cache_dir={default_cache_dir()}", *arguments]
+    c = compose_train(overrides, return_hydra_config=True)
     return dict(OmegaConf.to_container(c.hydra.sweeper.params))
 
 
@@ -217,10 +222,8 @@ def job_arguments(
 
 
 def compose_job(overrides: Sequence[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"cache_dir={default_cache_dir()}"])
+    """One job's config, as its multirun would compose it (with this process's cache folder)."""
+    return compose_train([*overrides, f"cache_dir={default_cache_dir()}"])
 
 
 def pipeline_dirs(table: str, cfg: DictConfig, results_dir: Path) -> list[Path]:
@@ -283,26 +286,14 @@ def _compose_jobs(
     table: str, experiment: str, overrides: list[list[str]], results_dir: Path, baseline_seeds: int | None
 ) -> list[Job]:
     """One Job per override list, with its done flag; baselines' seeds at or above baseline_seeds dropped."""
-    from hydra import compose, initialize_config_dir
-
-    jobs, composed = [], {}
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for ov in overrides:
-            # `seed=s` only sets a value: compose once per job without it, then set it (much faster
-            # than one compose per job at the paper's 196 jobs)
-            rest = tuple(o for o in ov if not _is_sweep_key(o, "seed"))
-            seed = [o.split("=", 1)[1] for o in ov if _is_sweep_key(o, "seed")]
-            if rest not in composed:
-                composed[rest] = compose("train", overrides=[*rest, f"cache_dir={default_cache_dir()}"])
-            cfg = copy.deepcopy(composed[rest])
-            if seed:
-                cfg.seed = int(seed[-1])
-            few = baseline_seeds is not None and str(cfg.method.name) not in CORE_METHODS
-            if few and int(cfg.seed) >= baseline_seeds:
-                continue
-            job = Job(experiment, ov, pipeline_dirs(table, cfg, results_dir), job_meta(cfg), _cfg=cfg)
-            job.refresh()
-            jobs.append(job)
+    jobs = []
+    for ov, cfg in zip(overrides, _compose_per_seed(overrides), strict=True):
+        few = baseline_seeds is not None and str(cfg.method.name) not in CORE_METHODS
+        if few and int(cfg.seed) >= baseline_seeds:
+            continue
+        job = Job(experiment, ov, pipeline_dirs(table, cfg, results_dir), job_meta(cfg), _cfg=cfg)
+        job.refresh()
+        jobs.append(job)
     return jobs
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aioli_repro.config  # noqa: F401  (registers resolvers)
 from aioli_repro.pipeline.sweep import Job
 
 
