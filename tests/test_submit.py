@@ -15,7 +15,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from aioli_repro import reproduce
-from aioli_repro.pipeline import submit, sweep
+from aioli_repro.pipeline import sbatch, submit, sweep
 
 FAKE_SBATCH = r"""#!/bin/bash
 # records its argv (tab-separated) and a copy of the script, prints the next job id
@@ -241,13 +241,13 @@ def _job(root: Path, method: str, setting: str = "a_se", experiment: str = "tabl
 
 
 def test_launcher_fields_signal_and_no_scheduler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opts = submit.launcher_options(
+    opts = sbatch.launcher_options(
         "slurm_a100",
         ["hydra.launcher.timeout_min=90", "hydra.launcher.slurm_rtx6000ada.mem_gb=1",
          "hydra.launcher.additional_parameters.mail_type=FAIL", "~hydra.launcher.gpus_per_node",
          "hydra.launcher.gres=gpu:a100:1", "hydra.sweep.dir=x"],
     )  # fmt: skip
-    flags = submit.sbatch_options(opts, "USR2")
+    flags = sbatch.sbatch_options(opts, "USR2")
     assert {
         "--time=01:30:00",
         "--mem=128G",
@@ -257,12 +257,12 @@ def test_launcher_fields_signal_and_no_scheduler(tmp_path: Path, monkeypatch: py
     } <= set(flags)
     assert not any(f.startswith("--gpus-per-node") or f.startswith("--partition") for f in flags)
     with pytest.raises(SystemExit, match="no such launcher field"):
-        submit.launcher_options("slurm_a100", ["hydra.launcher.partiton=gpu"])
-    assert submit.launcher_overrides(["hydra.sweep.dir=x", "seed=1"])[1] == ["hydra.sweep.dir=x"]
+        sbatch.launcher_options("slurm_a100", ["hydra.launcher.partiton=gpu"])
+    assert sbatch.launcher_overrides(["hydra.sweep.dir=x", "seed=1"])[1] == ["hydra.sweep.dir=x"]
     # the training code's signal, or none when it does not handle one (SIGUSR2 would kill the run)
-    assert submit.requeue_signal(_job(tmp_path, "grid")) == "USR2"
-    assert submit.requeue_signal(_job(tmp_path, "grid", signal="off")) is None
-    script = submit.sbatch_script(
+    assert sbatch.requeue_signal(_job(tmp_path, "grid")) == "USR2"
+    assert sbatch.requeue_signal(_job(tmp_path, "grid", signal="off")) is None
+    script = sbatch.sbatch_script(
         "table2", _job(tmp_path, "grid", signal="off"), tmp_path, "slurm_a100", opts, None
     )
     assert "--signal" not in script and "#SBATCH --requeue" in script
@@ -282,13 +282,13 @@ def test_launcher_fields_signal_and_no_scheduler(tmp_path: Path, monkeypatch: py
 def test_a_multi_gpu_job_gets_one_task_per_gpu(tmp_path: Path) -> None:
     """trainer.devices=N: N tasks and N GPUs on the node, and the run started as N tasks (DDP ranks), under
     our sbatch scripts and under submitit (the launcher configs interpolate the job's device count)."""
-    opts = submit.launcher_options("slurm_a100")
+    opts = sbatch.launcher_options("slurm_a100")
     for devices in (None, 2):
         job = _job(tmp_path, "stratified")
         if devices is not None:
             job._cfg.trainer.devices = devices
         n = devices or 1
-        script = submit.sbatch_script("table2", job, tmp_path, "slurm_a100", opts, "USR2")
+        script = sbatch.sbatch_script("table2", job, tmp_path, "slurm_a100", opts, "USR2")
         assert f"#SBATCH --ntasks-per-node={n}\n" in script and f"#SBATCH --gpus-per-node={n}\n" in script
         assert f"srun --ntasks={n} " in script
     hydra_cfg = compose_config(
