@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from aioli_repro.config import ConfigError
+from aioli_repro.config import CONF_DIR, ConfigError
 from aioli_repro.pipeline.recipes import (
     RECIPES,
     Learned,
@@ -52,7 +52,7 @@ from aioli_repro.pipeline.stage import Stage, read_summary, result_dir, stage_ha
 
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")
 VARIANTS = {"base": "base", "+aioli": "aioli"}  # variant -> directory tag
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR  # the one conf/ path (config.py)
 DEFAULT_FRACTION = 0.5
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from aioli_repro.config import compose_train
+from aioli_repro.config import CONF_DIR, compose_train
 from aioli_repro.fileio import atomic_write_json
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR  # the one conf/ path (config.py)
 
 SCALE_ALIASES = {"smoke": "table_smoke", "tiny": "miniature", "paper": "paper"}
 
