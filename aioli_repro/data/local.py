@@ -29,134 +29,25 @@ files are listed and counted once, on first use: make a new LocalSource to see l
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from aioli_repro.data.doc_files import DocFiles
+from aioli_repro.data.listing import (
+    DATA_FILE_SUFFIXES,
+    OUTSIDE_SPLITS,
+    Listing,
+    file_signature,
+    normalize_extensions,
+    skip_reason,
+    split_of,
+    summarize_skipped,
+    walk,
+)
 from aioli_repro.data.source import SPLITS, DataError, GroupSource, human_count
-
-#: extensions with a structure (one document per line / row); always accepted
-STRUCTURED_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
-#: the default of `data.source.extensions` (keep in step with conf/data/local.yaml); "" = no extension
-DEFAULT_TEXT_EXTENSIONS: tuple[str, ...] = (
-    ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java",
-    ".kt", ".scala", ".js", ".ts", ".go", ".rs", ".rb", ".php", ".sh", ".sql", ".r", ".jl", ".lua",
-    ".hs", ".ml", ".swift", ".html", ".css", ".xml", ".yaml", ".yml", ".toml", ".cfg", ".ini", "",
-)  # fmt: skip
-#: files that can be a whole group (directly in root) or a split of one (train.jsonl, test.txt)
-_DATA_FILE_SUFFIXES: tuple[str, ...] = (".txt", *STRUCTURED_SUFFIXES)
-_SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
-    "train": ("train",),
-    "val": ("val", "validation"),
-    "test": ("test",),
-}
-_BINARY_PROBE = 1024  # bytes read to tell text from binary
-_HIDDEN = "hidden (name starts with '.')"
-_OUTSIDE_SPLITS = "outside train/val/test of a pre-split group"
-
-
-def file_signature(path: str | Path, head_bytes: int = 1 << 20) -> dict:
-    """Size plus sha256 of the first and last `head_bytes`: cheap, and survives copies (unlike mtimes)."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        h.update(f.read(head_bytes))
-        if size > head_bytes:
-            f.seek(max(head_bytes, size - head_bytes))
-            h.update(f.read(head_bytes))
-    return {"size": size, "sha256_head_tail": h.hexdigest()[:32]}
-
-
-def normalize_extensions(value: Iterable[str] | None) -> frozenset[str]:
-    """`data.source.extensions` as lower-case ".ext" strings ("" = files without an extension)."""
-    if value is None:
-        return frozenset(DEFAULT_TEXT_EXTENSIONS)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise DataError(f"data.source.extensions: must be a list like ['.txt', '.md'], got {value!r}")
-    out = set()
-    for e in value:
-        ext = e.strip().lower() if isinstance(e, str) else None
-        if ext and not ext.startswith("."):
-            ext = "." + ext
-        if ext is None or any(c in ext for c in "/\\ *") or ext.count(".") > 1:
-            raise DataError(
-                f"data.source.extensions: {e!r} is not an extension; write them like '.txt' "
-                "(only the last one counts: '.gz', not '.tar.gz'; '' for files without one)"
-            )
-        out.add(ext)
-    return frozenset(out)
-
-
-def _skip_reason(p: Path, extensions: frozenset[str]) -> str | None:
-    """Why a (non-hidden) file is not read as documents, or None if it is."""
-    ext = p.suffix.lower()
-    if ext not in extensions and ext not in STRUCTURED_SUFFIXES:
-        return f"extension {ext or '(none)'} not in data.source.extensions"
-    try:
-        if p.stat().st_size == 0:
-            return "empty file"
-        if ext != ".parquet":
-            with open(p, "rb") as f:
-                if b"\0" in f.read(_BINARY_PROBE):
-                    return "binary (NUL byte in the first KiB)"
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    return None
-
-
-@dataclass
-class _Listing:
-    """Files to read, and those skipped as (path relative to the group, reason)."""
-
-    used: list[Path] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _walk(folder: Path, base: Path, extensions: frozenset[str], out: _Listing) -> None:
-    """Add every file under `folder` to `out`, sorted by path (that order numbers the documents)."""
-    used, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        d = Path(dirpath)
-        skipped += [(d / n, _HIDDEN) for n in dirnames if n.startswith(".")]
-        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        for name in filenames:
-            p = d / name
-            reason = _HIDDEN if name.startswith(".") else _skip_reason(p, extensions)
-            if reason is None:
-                used.append(p)
-            else:
-                skipped.append((p, reason))
-    out.used += sorted(used)
-    # report paths relative to the group (`base`), folders with a trailing slash
-    out.skipped += [(str(p.relative_to(base)) + ("/" if p.is_dir() else ""), r) for p, r in sorted(skipped)]
-
-
-def _split_of(p: Path) -> str | None:
-    """The split an entry of a group folder names (train/, val.jsonl, ...), if any."""
-    if p.is_dir():
-        stem = p.name
-    elif p.suffix.lower() in _DATA_FILE_SUFFIXES:
-        stem = p.name.split(".")[0]
-    else:
-        return None
-    return next((s for s, aliases in _SPLIT_ALIASES.items() if stem in aliases), None)
-
-
-def _summarize(skipped: list[tuple[str, str]]) -> str:
-    """'extension .png not in data.source.extensions (3: a.png, b.png, ...); empty file (1: c.txt)'."""
-    by_reason: dict[str, list[str]] = {}
-    for rel, reason in skipped:
-        by_reason.setdefault(reason, []).append(rel)
-    parts = []
-    for reason, rels in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        parts.append(f"{reason} ({len(rels)}: {', '.join(rels[:2])}{', ...' if len(rels) > 2 else ''})")
-    return "; ".join(parts)
 
 
 @dataclass
@@ -171,90 +62,13 @@ class GroupReport:
     error: str | None = None  # why the group cannot be used
 
 
-class _DocFiles:
-    """Documents of a list of files, addressed by a global index (file order, then position in file)."""
-
-    def __init__(self, files: list[Path], text_field: str) -> None:
-        self.files = files
-        self.text_field = text_field
-        self._counts: list[int] | None = None
-
-    def counts(self) -> list[int]:
-        if self._counts is None:
-            self._counts = [self._count(p) for p in self.files]
-        return self._counts
-
-    def __len__(self) -> int:
-        return int(sum(self.counts()))
-
-    def _count(self, p: Path) -> int:
-        ext = p.suffix.lower()
-        if ext == ".jsonl":
-            with open(p, "rb") as f:
-                return sum(1 for line in f if line.strip())
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                return int(pq.ParquetFile(p).metadata.num_rows)
-            except Exception as e:  # pyarrow raises several types for a damaged file
-                raise DataError(f"{p}: not a readable parquet file ({e})") from e
-        return 1
-
-    def _iter_jsonl(self, p: Path) -> Iterator[str]:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict) or self.text_field not in obj:
-                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(
-                        f"{p}:{lineno}: no field {self.text_field!r} (data.source.text_field); found {keys}"
-                    )
-                yield str(obj[self.text_field])
-
-    def _iter_parquet(self, p: Path) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(p)
-        if self.text_field not in pf.schema_arrow.names:
-            raise DataError(
-                f"{p}: no column {self.text_field!r} (data.source.text_field); found {pf.schema_arrow.names}"
-            )
-        for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-            for t in batch.column(0).to_pylist():
-                yield "" if t is None else str(t)
-
-    def _iter_file(self, p: Path) -> Iterator[str]:
-        ext = p.suffix.lower()
-        if ext == ".jsonl":
-            yield from self._iter_jsonl(p)
-        elif ext == ".parquet":
-            yield from self._iter_parquet(p)
-        else:
-            yield p.read_text(encoding="utf-8", errors="replace")
-
-    def iter_docs(self, keep: np.ndarray | None = None) -> Iterator[str]:
-        """Documents in file order; with `keep` (a bool mask over global indices) only those."""
-        i = 0
-        for p in self.files:
-            for doc in self._iter_file(p):
-                if keep is None or keep[i]:
-                    yield doc
-                i += 1
-
-
 @dataclass
 class _Group:
     """One group, listed and counted: per split the files to read and (carved groups) a mask."""
 
     path: Path
-    listing: _Listing
-    files: dict[str, _DocFiles] = field(default_factory=dict)
+    listing: Listing
+    files: dict[str, DocFiles] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -305,14 +119,14 @@ class LocalSource(GroupSource):
         if groups is None:
             found: dict[str, Path] = {}
             for p in sorted(self.root.iterdir()):
-                if p.name.startswith(".") or not (p.is_dir() or p.suffix.lower() in _DATA_FILE_SUFFIXES):
+                if p.name.startswith(".") or not (p.is_dir() or p.suffix.lower() in DATA_FILE_SUFFIXES):
                     continue
                 g = p.name if p.is_dir() else p.stem
                 if g in found:
                     raise DataError(f"data.source.root: group {g!r} is both {found[g]} and {p}; keep one")
                 found[g] = p
             if not found:
-                kinds = list(_DATA_FILE_SUFFIXES)
+                kinds = list(DATA_FILE_SUFFIXES)
                 raise DataError(f"data.source.root: {self.root} has no group subfolders or {kinds} files")
             return found
         out = {}
@@ -327,20 +141,20 @@ class LocalSource(GroupSource):
             )
         return out
 
-    def _list_presplit(self, folder: Path) -> tuple[dict[str, _Listing], _Listing] | None:
+    def _list_presplit(self, folder: Path) -> tuple[dict[str, Listing], Listing] | None:
         """Per split, the files of a pre-split group folder, plus the entries outside the splits."""
         entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-        named = {p: _split_of(p) for p in entries}
+        named = {p: split_of(p) for p in entries}
         present = {s for s in named.values() if s is not None}
         if not present or (present != set(SPLITS) and None in named.values()):
             return None  # e.g. a code folder with src/ and test/: not a split layout
-        splits, outside = {s: _Listing() for s in SPLITS if s in present}, _Listing()
+        splits, outside = {s: Listing() for s in SPLITS if s in present}, Listing()
         for p, split in named.items():
             if split is None:
-                outside.skipped.append((p.name + ("/" if p.is_dir() else ""), _OUTSIDE_SPLITS))
+                outside.skipped.append((p.name + ("/" if p.is_dir() else ""), OUTSIDE_SPLITS))
             elif p.is_dir():
-                _walk(p, folder, self.extensions, splits[split])
-            elif reason := _skip_reason(p, self.extensions):
+                walk(p, folder, self.extensions, splits[split])
+            elif reason := skip_reason(p, self.extensions):
                 splits[split].skipped.append((p.name, reason))
             else:
                 splits[split].used.append(p)
@@ -349,18 +163,18 @@ class LocalSource(GroupSource):
     def _scan(self, group: str) -> _Group:
         """List one group's files and count its documents; problems go to `.error`, not raised."""
         path = self.group_paths[group]
-        listing = _Listing()
+        listing = Listing()
         if not path.exists():
             return _Group(path, listing, error=f"{path} does not exist")
         if path.is_file():
-            if reason := _skip_reason(path, self.extensions):
+            if reason := skip_reason(path, self.extensions):
                 listing.skipped.append((path.name, reason))
                 return _Group(path, listing, error=f"file {path} skipped: {reason}")
             listing.used.append(path)
             return self._fill_counts(_Group(path, listing), {s: [path] for s in SPLITS}, carve=True)
         presplit = self._list_presplit(path)
         if presplit is None:
-            _walk(path, path, self.extensions, listing)
+            walk(path, path, self.extensions, listing)
             return self._fill_counts(_Group(path, listing), {s: listing.used for s in SPLITS}, carve=True)
         splits, outside = presplit
         for part in (*splits.values(), outside):
@@ -383,16 +197,18 @@ class LocalSource(GroupSource):
                 g.error = f"folder {g.path} is empty"
             else:
                 s = "" if n_files == 1 else "s"
-                g.error = f"folder {g.path}: {n_files} file{s}, all skipped: {_summarize(g.listing.skipped)}"
+                g.error = (
+                    f"folder {g.path}: {n_files} file{s}, all skipped: {summarize_skipped(g.listing.skipped)}"
+                )
             return g
         try:
             if carve:  # one list for every split, counted once
-                df = _DocFiles(split_files["train"], self.text_field)
+                df = DocFiles(split_files["train"], self.text_field)
                 g.files = {s: df for s in SPLITS}
                 g.masks = self._carve(len(df))
                 g.sizes = {s: int(m.sum()) for s, m in g.masks.items()}
             else:
-                g.files = {s: _DocFiles(split_files[s], self.text_field) for s in SPLITS}
+                g.files = {s: DocFiles(split_files[s], self.text_field) for s in SPLITS}
                 g.sizes = {s: len(df) for s, df in g.files.items()}
         except (DataError, OSError) as e:
             g.error = str(e)

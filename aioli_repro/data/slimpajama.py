@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from aioli_repro.data.hub import offline_if_unreachable
-from aioli_repro.data.local import file_signature
+from aioli_repro.data.listing import file_signature
 from aioli_repro.data.source import SLIMPAJAMA_GROUPS, SPLITS, DataError, GroupSource
 
 #: group name -> `meta.redpajama_set_name`
