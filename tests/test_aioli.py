@@ -12,8 +12,9 @@ from conftest import compose_config
 from hydra.utils import instantiate
 
 from aioli_repro.data.sampler import MixtureSampler
-from aioli_repro.mixing.aioli import Aioli, normalize_A, probe_mixtures
+from aioli_repro.mixing.aioli import Aioli
 from aioli_repro.mixing.base import MixingContext, StepStats
+from aioli_repro.mixing.learn_params import normalize_A, probe_mixtures
 
 B = 8
 # official released hyper-parameters per m (scripts/*/aioli/run.sh)
