@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from aioli_repro.config import compose_train
+from aioli_repro.config import CONF_DIR, compose_train
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(CONF_DIR)  # the package's conf/ (one definition: config.CONF_DIR)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
