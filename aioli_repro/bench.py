@@ -39,6 +39,8 @@ from aioli_repro.data.datamodule import MixtureDataModule
 from aioli_repro.mixing.static import Stratified
 from aioli_repro.model import build_model, lm_token_losses
 from aioli_repro.training.callbacks import MixingCallback
+from aioli_repro.training.clipping import clip_gradients_
+from aioli_repro.training.device_settings import apply_process_settings, resolve_device_settings
 from aioli_repro.training.module import MixingLM, OptimConfig, lr_at, param_groups
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 6000 Ada": 364e12}
@@ -86,6 +88,7 @@ def _make_dm(cfg: DictConfig, packed: object) -> MixtureDataModule:
 
 
 def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.device) -> list[float]:
+    settings = resolve_device_settings(cfg)
     torch.manual_seed(0)
     module = MixingLM(
         instantiate(cfg.model),
@@ -93,7 +96,7 @@ def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.d
         max_steps=steps,
         optim=_optim(cfg),
         log_every=cfg.train.log_every,
-        compile=bool(cfg.train.get("compile", False)),
+        settings=settings,
     )
     timer = _StepTimer()
     trainer = L.Trainer(
@@ -106,7 +109,7 @@ def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.d
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        precision=settings.precision,
         callbacks=[MixingCallback(Stratified()), timer],
         log_every_n_steps=cfg.train.log_every,
         gradient_clip_val=float(cfg.train.grad_clip),
@@ -124,12 +127,16 @@ def bench_plain(
     cfg: DictConfig, packed: object, steps: int, device: torch.device
 ) -> tuple[list[float], dict]:
     """A plain loop over the same components, instrumented per phase (syncs only for timing)."""
+    settings = resolve_device_settings(cfg)  # the Lightning run's precision, fused AdamW and compile
     torch.manual_seed(0)
     model = build_model(instantiate(cfg.model)).to(device)
+    if settings.compile:
+        model = torch.compile(model)
     o = _optim(cfg)
     opt = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, eps=o.eps, fused=device.type == "cuda"
+        param_groups(model, o.weight_decay), lr=o.lr, eps=o.eps, fused=settings.fused_adamw
     )
+    scaler = torch.amp.GradScaler(device.type) if settings.grad_scaler else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, steps) / o.lr)
     dm = _make_dm(cfg, packed)
     method = Stratified()
@@ -138,7 +145,7 @@ def bench_plain(
     method.setup(MixingContext(list(cfg.groups.names), steps, cfg.train.batch_size, 0))
     phases = {k: [] for k in ("data", "forward", "backward", "optimizer", "mixing")}
     times = []
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = settings.autocast_dtype
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = dm.draw_batch()
@@ -149,11 +156,15 @@ def bench_plain(
             loss = lm_token_losses(model, tokens).float().mean()
         _sync(device)
         t2 = time.perf_counter()
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         _sync(device)
         t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
-        opt.step()
+        clip_gradients_(opt, cfg.train.grad_clip, "norm", scaler)  # the clipping MixingLM does
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -286,18 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
     """Every benchmark of the module docstring on this machine; writes --out and appends to --md."""
     args = _parser().parse_args(argv)
     from aioli_repro.training.preflight import build_data
-    from aioli_repro.training.run import allow_tf32
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        allow_tf32()
-    else:
+    if device.type != "cuda":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     base = [f"scale={args.scale}", "logger=none", "progress=false"]
     base += [f"model={args.model}"] if args.model else []
     base += [f"data={args.data}"] if args.data else []
     base += ["train.compile=true"] if args.compile else []
     cfg = _cfg(base)
+    apply_process_settings(resolve_device_settings(cfg))  # TF32 as a training run sets it
     _, packed = build_data(cfg)
     name = _device_name(device)
     t = cfg.train

@@ -243,6 +243,8 @@ FIELDS: dict[str, Field] = {
     "data.tokenizer": _STR,
     "data.label": Field("str", optional=True),
     "data.seed": _int(0, optional=True),
+    "trainer.fused_optimizer": Field("choice", choices=("auto", True, False), optional=True),
+    "trainer.tf32": Field("choice", choices=("auto", True, False), optional=True),
     "data.verify_checksums": Field("bool", optional=True),
     "data.rebuild_on_mismatch": Field("bool", optional=True),
     # model (aioli_repro.model.ModelConfig; the fields it gives defaults to are optional)

@@ -73,6 +73,8 @@ FIELD_CASES: dict[str, tuple[str, str | None, str | None]] = {
     "trainer.deterministic": ("1.5", "abc", None),
     "trainer.slurm_requeue": ("abc", None, None),
     "trainer.requeue_signal": ("1", "SIGKILL", None),
+    "trainer.fused_optimizer": ("1.5", "sometimes", None),
+    "trainer.tf32": ("1.5", "abc", None),
     "data.source._target_": ("123", None, None),
     "data.tokenizer": ("[a,b]", None, None),
     "data.label": ("[a,b]", None, None),

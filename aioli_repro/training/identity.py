@@ -34,6 +34,7 @@ _NOT_HASHED_NESTED: dict[str, tuple[str, ...]] = {
 # identity, as it was when given as `+key=value`. Declaring another such key: add it here with that value.
 _HASHED_UNLESS_DEFAULT: dict[str, dict[str, object]] = {
     "data": {"seed": 0},
+    "trainer": {"fused_optimizer": "auto", "tf32": "auto"},
 }
 
 

@@ -20,6 +20,8 @@ from aioli_repro import world
 from aioli_repro.config import ConfigError
 from aioli_repro.mixing.base import Batch, MixingMethod, StepContext, StepStats
 from aioli_repro.model import GPTNeoX, ModelConfig, build_model, lm_token_losses
+from aioli_repro.training.clipping import clip_gradients_
+from aioli_repro.training.device_settings import DeviceSettings
 from aioli_repro.training.evaluation import evaluate_groups
 from aioli_repro.training.loggers import JsonlLogger
 
@@ -143,7 +145,7 @@ class MixingLM(L.LightningModule):
         optim: OptimConfig | None = None,
         eval_batch_size: int = 16,
         log_every: int = 10,
-        compile: bool = False,
+        settings: DeviceSettings | None = None,
         method: MixingMethod | None = None,
     ) -> None:
         super().__init__()
@@ -154,7 +156,8 @@ class MixingLM(L.LightningModule):
         self.eval_batch_size = eval_batch_size
         self.log_every = log_every
         self.model: GPTNeoX = build_model(model)
-        self.compile = compile
+        # precision, fused AdamW, compile...: resolved once (training/device_settings.py); default plain fp32
+        self.settings = settings or DeviceSettings("cpu", "32-true", False, False, False, False)
         # the method whose training_loss shapes each step (the MixingCallback drives the rest of it)
         self.mixing_method = method
         self.last_stats: StepStats | None = None
@@ -178,7 +181,7 @@ class MixingLM(L.LightningModule):
         self.clock = RunClock()  # run_training replaces it with one started before data preparation
 
     def configure_model(self) -> None:
-        if self.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+        if self.settings.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
             self.model = torch.compile(self.model)
 
     # -- training -------------------------------------------------------------------------------
@@ -351,10 +354,9 @@ class MixingLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim
-        fused = torch.cuda.is_available() and next(self.model.parameters()).is_cuda
-        opt = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused
-        )
+        groups = param_groups(self.model, o.weight_decay)
+        fused = self.settings.fused_adamw
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, self.max_steps) / o.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -367,8 +369,19 @@ class MixingLM(L.LightningModule):
         key = (self.global_step, split, cap)
         if use_cache and key in self._eval_cache:
             return self._eval_cache[key]
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        autocast = self.settings.autocast_dtype  # evaluation runs in training's precision
         losses = evaluate_groups(self.model, sequences, self.eval_batch_size, self.device, cap, autocast)
         self._eval_cache = {k: v for k, v in self._eval_cache.items() if k[0] == self.global_step}
         self._eval_cache[key] = losses
         return losses
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the Trainer asks, without Lightning's precision plugin, which refuses fused optimizers
+        (training/clipping.py says why); unscales first under 16-mixed's grad scaler."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        clip_gradients_(optimizer, gradient_clip_val, gradient_clip_algorithm, scaler)
+

@@ -20,6 +20,7 @@ from aioli_repro.data.tokenizer import build_tokenizer
 from aioli_repro.mixing.base import MixingContext, MixingMethod
 from aioli_repro.model import ModelConfig
 from aioli_repro.training.checkpointing import CheckpointError
+from aioli_repro.training.device_settings import DeviceSettings, resolve_device_settings
 from aioli_repro.training.module import NonFiniteLossError
 from aioli_repro.training.run_dirs import RunDirInUse
 from aioli_repro.training.slurm import slurm_setup
@@ -57,7 +58,7 @@ class Preflight:
     method: MixingMethod  # already set up for this run
     source: Any
     tokenizer: Any
-    precision: str
+    settings: DeviceSettings  # precision, fused AdamW, TF32, compile: what differs on a GPU
     init_checkpoint: str | None
     plugins: list
     requeue_signal: int | None
@@ -88,9 +89,9 @@ def preflight(
         init_checkpoint = check_init_checkpoint(extras)
     plugins, requeue_signal = slurm_setup(cfg)
     source, tokenizer = check_data(cfg, groups)
-    precision = resolve_precision(str(cfg.trainer.precision))
+    settings = resolve_device_settings(cfg)
     return Preflight(
-        groups, model_cfg, method, source, tokenizer, precision, init_checkpoint, plugins, requeue_signal
+        groups, model_cfg, method, source, tokenizer, settings, init_checkpoint, plugins, requeue_signal
     )
 
 
@@ -239,9 +240,3 @@ def _build_packed(cfg: DictConfig, source: object, tokenizer: object, groups: li
         verify_checksums=bool(cfg.data.get("verify_checksums", True)),
         rebuild_on_mismatch=bool(cfg.data.get("rebuild_on_mismatch", False)),
     )
-
-
-def resolve_precision(value: str) -> str:
-    if value == "auto":
-        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    return value

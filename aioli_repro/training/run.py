@@ -34,6 +34,7 @@ from aioli_repro.training.callbacks import (
     StepBoundaryCheckpoint,
 )
 from aioli_repro.training.checkpointing import AtomicCheckpointIO, check_checkpoint_readable
+from aioli_repro.training.device_settings import apply_process_settings
 from aioli_repro.training.identity import run_identity
 from aioli_repro.training.loggers import JsonlLogger, make_wandb_logger
 from aioli_repro.training.module import MixingLM, NonFiniteLossError, OptimConfig, RunClock
@@ -50,16 +51,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")
 )
-
-
-def allow_tf32() -> None:
-    """On CUDA, let fp32 matmuls left outside bf16 autocast use TF32 (Ampere and later).
-
-    Called for mixed-precision runs only, which already trade exactness for speed; a run asking for
-    precision=32 keeps full fp32."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 def run_training(
@@ -131,10 +122,9 @@ def _run_training(
 
 
 def _set_process_state(cfg: DictConfig, checked: Preflight) -> None:
-    """Threads, TF32 for mixed precision, and every seed (before anything draws a random number)."""
+    """Threads, TF32 (CUDA mixed precision), and every seed (before anything draws a random number)."""
     torch.set_num_threads(int(cfg.get("num_threads") or torch.get_num_threads()))
-    if checked.precision.startswith("bf16"):
-        allow_tf32()
+    apply_process_settings(checked.settings)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
 
@@ -196,8 +186,8 @@ def _trainer(
     t = cfg.train
     return L.Trainer(
         max_steps=t.max_steps,
-        precision=checked.precision,
-        accelerator=cfg.trainer.accelerator,
+        precision=checked.settings.precision,
+        accelerator=checked.settings.accelerator,
         devices=cfg.trainer.devices,
         strategy=str(cfg.trainer.get("strategy") or "auto"),
         logger=loggers,
@@ -231,7 +221,7 @@ def _build_module(cfg: DictConfig, checked: Preflight) -> MixingLM:
         optim=optim,
         eval_batch_size=t.eval_batch_size,
         log_every=t.log_every,
-        compile=bool(t.get("compile", False)),
+        settings=checked.settings,
         method=checked.method,
     )
 
