@@ -52,13 +52,13 @@ METHODS = {
 
 
 def _train(
-    args: list[str], env: dict | None = None, wrapper: Path | None = None
+    args: list[str], env: dict | None = None, wrapper: Path | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, *([str(wrapper)] if wrapper else ["-m"]), "aioli_repro.train", *args]
     full_env = {**os.environ, **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         full_env.pop(key, None)  # a plain command: Lightning starts the second process itself
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=full_env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def _pair(method: str, cache_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -136,6 +136,80 @@ def test_ddp_resume_after_sigterm_is_exact(cache_dir: Path, tmp_path: Path) -> N
     assert b["resumed_from"] is not None
     assert_same_results(a, b)
     assert metrics_rows(run) == metrics_rows(ref)
+
+
+# rank 1 alone gets a NaN in the method's training loss (its per-group losses stay finite) in the step
+# computed at global_step == NAN_AT. Lightning starts rank 1 with this same script and arguments.
+NAN_WRAPPER = """
+import os, runpy, sys
+import torch.distributed as dist
+from aioli_repro.mixing.static import Stratified
+
+AT = int(os.environ["NAN_AT"])
+_loss = Stratified.training_loss
+
+
+def _nan_on_rank_1(self, batch, seq_loss, ctx):
+    loss = _loss(self, batch, seq_loss, ctx)
+    if dist.is_initialized() and dist.get_rank() == 1 and ctx.step == AT:
+        return loss * float("nan")
+    return loss
+
+
+Stratified.training_loss = _nan_on_rank_1
+if os.environ.get("FAKE_CUDA"):  # the GPU path's device-side bookkeeping, on CPU: the module reports
+    import torch  # a cuda device to its finite checks only (the run's collectives stay on CPU)
+    from aioli_repro.training.module import MixingLM
+
+    def _as_cuda(fn):
+        def wrapped(self, *a, **k):
+            real, self._device = self._device, torch.device("cuda", 0)
+            try:
+                return fn(self, *a, **k)
+            finally:
+                self._device = real
+
+        return wrapped
+
+    for name in ("_guard_finite", "finish_step", "on_save_checkpoint"):
+        setattr(MixingLM, name, _as_cuda(getattr(MixingLM, name)))
+if sys.argv[1:2] == ["aioli_repro.train"]:  # rank 0's command; rank 1's has the overrides only
+    del sys.argv[1]
+runpy.run_module("aioli_repro.train", run_name="__main__", alter_sys=False)  # __main__ stays this script
+"""
+
+
+@pytest.mark.parametrize(
+    ("fake_cuda", "said"),
+    [
+        ("", "at step 5 in the method's training loss over group(s) ['arxiv', 'stackexchange']; stopped"),
+        ("1", "first at step 5 in the method's training loss over group(s) ['arxiv', 'stackexchange']; no"),
+    ],
+    ids=["cpu", "gpu_path"],
+)
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(
+    fake_cuda: str, said: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A NaN loss on rank 1 only: both ranks stop at the same step with the same one-line error, instead
+    of rank 0 going on into the next collective and waiting there (or failing) without a message. CPU:
+    before the update; GPU path: at the next log point (every step here), before the step-6 checkpoint."""
+    wrapper = tmp_path / "nan_wrapper.py"
+    wrapper.write_text(NAN_WRAPPER)
+    run = tmp_path / "run"
+    args = [*BASE, f"cache_dir={cache_dir}", f"hydra.run.dir={run}", *DDP]
+    args += ["train.max_steps=12", "train.checkpoint_every=2", "train.val_every=0"]
+    env = {"NAN_AT": "4", "FAKE_CUDA": fake_cuda}
+    r = _train(args, env=env, wrapper=wrapper, timeout=300)  # a hang fails here
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert lines, r.stderr[-3000:]
+    # no rank's own loss value in it: the ranks' values differ
+    assert all(x.startswith(f"error: non-finite training loss {said}") for x in lines), lines
+    assert all(x.endswith("(step 4)") for x in lines), lines
+    assert len(set(lines)) == 1  # every rank that reported says the same
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 4  # nothing written after the bad step
+    assert not (run / "summary.json").exists()
 
 
 # -- configuration, before any process starts -------------------------------------------------------

@@ -195,9 +195,13 @@ class MixingLM(L.LightningModule):
         sums = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, detached)
         ones = torch.ones_like(detached)
         cnts = torch.zeros(m, device=detached.device).index_add_(0, batch.group_ids, ones)
-        if world.size() > 1:  # the method and the logs see the whole global batch, as on one device
-            sums, cnts = world.all_reduce_sum(torch.stack([sums, cnts])).unbind(0)
-        self._guard_finite(loss.detach(), sums, cnts)
+        loss_bad = ~torch.isfinite(loss.detach())
+        if world.size() > 1:  # the method and the logs see the whole global batch, as on one device;
+            # the loss is each rank's own: with its flag in the same reduction, all ranks stop together
+            flag = loss_bad.to(sums.dtype).reshape(1)
+            sums, cnts, n_bad = world.all_reduce_sum(torch.cat([sums, cnts, flag])).split([m, m, 1])
+            loss_bad = n_bad[0] > 0
+        self._guard_finite(loss.detach(), loss_bad, sums, cnts)
         self.last_stats = StepStats(loss_sum=sums, count=cnts)
         self._log_sum += sums
         self._log_cnt += cnts
@@ -221,14 +225,20 @@ class MixingLM(L.LightningModule):
             val_sequences=lambda: self.trainer.datamodule.eval_sequences("val")[0],
         )
 
-    def _guard_finite(self, loss: torch.Tensor, sums: torch.Tensor, cnts: torch.Tensor) -> None:
-        """Stop on a NaN/inf loss before it reaches the weights (CPU) or before any checkpoint (GPU)."""
+    def _guard_finite(
+        self, loss: torch.Tensor, loss_bad: torch.Tensor, sums: torch.Tensor, cnts: torch.Tensor
+    ) -> None:
+        """Stop on a NaN/inf loss before it reaches the weights (CPU) or before any checkpoint (GPU).
+
+        `loss_bad`, `sums` and `cnts` are the same on every rank (under DDP: reduced over the ranks), so
+        every rank stops at the same step with the same message."""
         bad_groups = ~torch.isfinite(sums)
-        bad = bad_groups.any() | ~torch.isfinite(loss)
+        bad = bad_groups.any() | loss_bad
         step = self.global_step + 1  # the step being computed (global_step counts completed steps)
         if self.device.type != "cuda":  # a host check costs nothing here: raise before backward
             if bool(bad):
-                msg = self._nonfinite_message(step, bad_groups.tolist(), cnts.tolist(), loss)
+                shown = loss if world.size() == 1 else None  # under DDP each rank's own loss differs
+                msg = self._nonfinite_message(step, bad_groups.tolist(), cnts.tolist(), shown)
                 raise NonFiniteLossError(msg)
             return
         # GPU: remember the first bad step on the device; raised at the next log point or checkpoint
@@ -237,25 +247,30 @@ class MixingLM(L.LightningModule):
         self._bad_groups = torch.where(first, bad_groups, self._bad_groups)
         self._bad_present = torch.where(first, cnts > 0, self._bad_present)
 
-    def _nonfinite_message(self, step: int, bad_groups: list[bool], counts: list[float], loss: object) -> str:
+    def _nonfinite_message(
+        self, step: int, bad_groups: list[bool], counts: list[float], loss: object, found_later: bool = False
+    ) -> str:
+        """`loss`: the value to show (None: none, e.g. under DDP); `found_later`: the GPU path's wording."""
         names = [g for g, b in zip(self.groups, bad_groups) if b]
         if not names:  # every group's own loss was finite: the method's combined loss was not
             names = [g for g, c in zip(self.groups, counts) if c > 0]
             where = f"in the method's training loss over group(s) {names}"
         else:
             where = f"in group(s) {names}"
-        if loss is None:  # GPU: found at a log point or checkpoint, after the step was taken
+        if found_later:  # GPU: found at a log point or checkpoint, after the step was taken
             return (
                 f"non-finite training loss first at step {step} {where}; no checkpoint was written after it"
             )
-        return f"non-finite training loss ({float(loss)}) at step {step} {where}; stopped before the update"
+        value = "" if loss is None else f" ({float(loss)})"
+        return f"non-finite training loss{value} at step {step} {where}; stopped before the update"
 
     def _raise_if_nonfinite(self) -> None:
         """GPU path: one host sync, at log points and before a checkpoint is written."""
         step = int(self._bad_step)
         if step >= 0:
             present = [float(x) for x in self._bad_present.tolist()]
-            raise NonFiniteLossError(self._nonfinite_message(step, self._bad_groups.tolist(), present, None))
+            msg = self._nonfinite_message(step, self._bad_groups.tolist(), present, None, found_later=True)
+            raise NonFiniteLossError(msg)
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
         self.finish_step(self.global_step)  # no-op when the MixingCallback already ran it
@@ -360,6 +375,17 @@ class MixingLM(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, self.max_steps) / o.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the Trainer asks, without Lightning's precision plugin, which refuses fused optimizers
+        (training/clipping.py says why); unscales first under 16-mixed's grad scaler."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        clip_gradients_(optimizer, gradient_clip_val, gradient_clip_algorithm, scaler)
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, split: str, max_seqs: int | None = None, use_cache: bool = True) -> np.ndarray:
         """Per-group mean loss on val/test (ordered as self.groups); cached per (step, split, cap)."""
@@ -374,14 +400,3 @@ class MixingLM(L.LightningModule):
         self._eval_cache = {k: v for k, v in self._eval_cache.items() if k[0] == self.global_step}
         self._eval_cache[key] = losses
         return losses
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip as the Trainer asks, without Lightning's precision plugin, which refuses fused optimizers
-        (training/clipping.py says why); unscales first under 16-mixed's grad scaler."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        clip_gradients_(optimizer, gradient_clip_val, gradient_clip_algorithm, scaler)
-
