@@ -5,6 +5,10 @@
 `compose_train` (the one way the package composes `conf/train.yaml` itself) calls it, and so does
 `validate_config`, which every config passes before it is used (a caller's own `compose` included).
 
+`CheckRunName`, a Hydra callback (`hydra.callbacks` in `conf/train.yaml`, so every entry point has it),
+checks the fields of `run_name` before Hydra names its run folder after it (`groups=[]` has no
+`groups.key`): a bad one is one `error: ...` line and exit status 2, and no folder is made.
+
 `validate_config(cfg)` checks every field of `FIELDS` (type, range, allowed values) and the relations
 between fields, before any data is built or any model allocated. Each error is a `ConfigError` whose
 message starts with the dotted field name (`train.lr: must be a number > 0, got 'abc'`). The options
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -210,7 +215,7 @@ FIELDS: dict[str, Field] = {
     "scale_name": _STR,
     "keep_checkpoints": Field("bool", optional=True),
     # groups (names first: other fields interpolate by_m on it)
-    "groups.names": Field("names"),
+    "groups.names": Field("names", missing="no setting chosen: pick one, e.g. groups=a_se"),
     "groups.key": _STR,
     "groups.label": _STR,
     # train
@@ -238,13 +243,13 @@ FIELDS: dict[str, Field] = {
     "trainer.deterministic": Field("choice", choices=(True, False, "warn"), optional=True),
     "trainer.slurm_requeue": Field("bool", optional=True),
     "trainer.requeue_signal": Field("signal", choices=_SIGNALS, optional=True),
+    "trainer.fused_optimizer": Field("choice", choices=("auto", True, False), optional=True),
+    "trainer.tf32": Field("choice", choices=("auto", True, False), optional=True),
     # data
     "data.source._target_": Field("str", missing="every data config needs a source with a _target_ class"),
     "data.tokenizer": _STR,
     "data.label": Field("str", optional=True),
     "data.seed": _int(0, optional=True),
-    "trainer.fused_optimizer": Field("choice", choices=("auto", True, False), optional=True),
-    "trainer.tf32": Field("choice", choices=("auto", True, False), optional=True),
     "data.verify_checksums": Field("bool", optional=True),
     "data.rebuild_on_mismatch": Field("bool", optional=True),
     # model (aioli_repro.model.ModelConfig; the fields it gives defaults to are optional)
@@ -358,3 +363,36 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method.pipeline.n_children: needs at least m + 1 = {len(names) + 1} children, got {n_children}"
         )
+
+
+# What conf/train.yaml's run_name (and so Hydra's run folder, hydra.run.dir) is made of; groups.names first
+RUN_NAME_FIELDS = ("groups.names", "groups.key", "method.name", "seed", "run_name")
+
+
+def check_run_name(cfg: DictConfig) -> None:
+    """Check the fields of `run_name` (a ConfigError naming the field), so that it resolves."""
+    register_resolvers()
+    for path in RUN_NAME_FIELDS:
+        _check_field(cfg, path, FIELDS[path])
+
+
+class CheckRunName(Callback):
+    """Hydra resolves `hydra.run.dir` (and a sweep job's subdir), which holds `run_name`, before an entry
+    point's main runs: a field of it that does not resolve (`groups=[]`) would fail inside Hydra, with a
+    traceback, and a bad one would name a folder. This checks them first (the whole command's config for
+    a multirun), as one `error: ...` line and exit status 2 (a SystemExit: Hydra warns on exceptions)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_run_name(config)
+        except ConfigError as e:
+            from aioli_repro.train import user_error_exit
+
+            user_error_exit(e)

@@ -172,6 +172,30 @@ def test_cli_representatives(module, name, cache_dir, local_dirs, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "results").exists()  # no debris
 
 
+# No setting (`groups=[]` selects none: no groups.key for run_name, which Hydra's run folder is named
+# after) or a bad list of groups, through every entry point that composes conf/train.yaml.
+@pytest.mark.parametrize(
+    ("module", "override"),
+    [
+        ("aioli_repro.train", "groups=[]"),
+        ("aioli_repro.run", "groups=[]"),
+        ("aioli_repro.run", "groups.names=[]"),
+        pytest.param("aioli_repro.restricted", "groups=[]", marks=pytest.mark.slow),
+        pytest.param("aioli_repro.prepare", "groups=[]", marks=pytest.mark.slow),
+        pytest.param("aioli_repro.train", "~groups", marks=pytest.mark.slow),
+        pytest.param("aioli_repro.train", "groups.names=arxiv", marks=pytest.mark.slow),
+        pytest.param("aioli_repro.run", "groups.names=null", marks=pytest.mark.slow),
+    ],
+)
+def test_no_groups_cli_exits_2_with_one_line_and_no_debris(module, override, cache_dir, tmp_path):
+    r = _cli(module, [*BASE, f"cache_dir={cache_dir}", override], tmp_path)  # default run and results dirs
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: groups"), r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, multirun/ or results/
+
+
 def test_run_command_keeps_finished_stages_on_a_bad_stage(cache_dir, local_dirs, tmp_path):
     """Nothing lost: a pipeline stage that fails on bad input leaves earlier stages' results alone."""
     from aioli_repro.pipeline.recipes import run_method
