@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,6 +366,13 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
 
+def user_error_exit(e: Exception) -> None:
+    """What every entry point does with a user error: one line on stderr (no traceback), exit status 2."""
+    msg = " ".join(str(e).split())
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 # What conf/train.yaml's run_name (and so Hydra's run folder, hydra.run.dir) is made of; groups.names first
 RUN_NAME_FIELDS = ("groups.names", "groups.key", "method.name", "seed", "run_name")
 
@@ -393,6 +401,4 @@ class CheckRunName(Callback):
         try:
             check_run_name(config)
         except ConfigError as e:
-            from aioli_repro.train import user_error_exit
-
             user_error_exit(e)

@@ -23,10 +23,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from aioli_repro.config import register_resolvers, validate_config
+from aioli_repro.config import register_resolvers, user_error_exit, validate_config
 from aioli_repro.data.prepare import PrepareReport, prepare
 from aioli_repro.fileio import shown_path
-from aioli_repro.train import user_error_exit
 from aioli_repro.training.preflight import USER_ERRORS, check_data, report_data
 
 _WORKERS: int | None = None  # --workers, taken off the command line before Hydra sees it

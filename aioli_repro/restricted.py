@@ -24,7 +24,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from aioli_repro.train import user_error_exit
+    from aioli_repro.config import user_error_exit
     from aioli_repro.training.preflight import USER_ERRORS
     from aioli_repro.training.run_dirs import default_layout, remove_if_unused
 

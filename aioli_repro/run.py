@@ -13,9 +13,8 @@ import hydra
 from omegaconf import DictConfig
 
 from aioli_repro import world
-from aioli_repro.config import register_resolvers
+from aioli_repro.config import register_resolvers, user_error_exit
 from aioli_repro.pipeline.recipes import run_method
-from aioli_repro.train import user_error_exit
 from aioli_repro.training.preflight import USER_ERRORS, build, report_data
 from aioli_repro.training.run_dirs import default_layout, remove_if_unused
 from aioli_repro.training.summary import format_summary

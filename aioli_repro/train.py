@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from aioli_repro import world
-from aioli_repro.config import register_resolvers
+from aioli_repro.config import register_resolvers, user_error_exit
 from aioli_repro.fileio import shown_path
 from aioli_repro.training.preflight import USER_ERRORS, preflight, report_data
 from aioli_repro.training.run import run_training
@@ -28,13 +28,6 @@ from aioli_repro.training.summary import format_summary
 # an entry point: Hydra resolves run_name (the setting_key resolver) before main runs, and a SLURM job
 # imports this module to run main, so registering here covers both
 register_resolvers()
-
-
-def user_error_exit(e: Exception) -> None:
-    """One line on stderr (no traceback) and exit status 2."""
-    msg = " ".join(str(e).split())
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _explicit_run_dir(hc: Any) -> str | None:
