@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow lint format bench clean-cache help compare
+.PHONY: setup run test test-slow lint format bench gpu-check clean-cache help compare
 
 help:
 	@echo "make setup      create .venv (torch pinned to the local CPU wheel via constraints.txt)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-slow  the slow end-to-end tests"
 	@echo "make lint       ruff"
 	@echo "make bench      throughput benchmark -> results/bench.json, docs/benchmarks.md"
+	@echo "make gpu-check  on a fresh GPU node, before a sweep (<= 8 min): results/gpu_check/report.{md,json}"
 	@echo "make compare RESULTS=DIR   tables and plots of every finished run under DIR (default results/runs)"
 	@echo "make headroom / reproduce-table2 / reproduce-table3 SCALE=tiny|smoke|paper   the paper's tables"
 
@@ -54,6 +55,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m aioli_repro.bench $(ARGS)
+
+# A GPU node's check before a sweep: environment, GPU tests, paper-scale bench (eager, compiled), short
+# paper-config runs of stratified/aioli/doge/doremi, GPU-hours at the measured rate, a verdict. Without CUDA
+# it says so and fails; ARGS=--cpu-rehearsal runs every part on the CPU with the tiny model.
+gpu-check: $(STAMP)
+	$(PY) -m aioli_repro.gpu_check $(ARGS)
 
 # Compare methods on any finished runs (your own data included): RESULTS/compare/compare.{md,csv,png}, plots
 RESULTS ?= results/runs

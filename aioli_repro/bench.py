@@ -36,8 +36,10 @@ from omegaconf import DictConfig
 
 from aioli_repro.config import compose_train
 from aioli_repro.data.datamodule import MixtureDataModule
+from aioli_repro.fileio import atomic_write_json
 from aioli_repro.mixing.static import Stratified
 from aioli_repro.model import build_model, lm_token_losses
+from aioli_repro.timed_parts import CUT, FAILED, OK, Part, PartOutput, PartResult, PartSpec, Report, run_parts
 from aioli_repro.training.callbacks import MixingCallback
 from aioli_repro.training.clipping import clip_gradients_
 from aioli_repro.training.device_settings import apply_process_settings, resolve_device_settings
@@ -237,34 +239,19 @@ def bench_hf(cfg: DictConfig, steps: int, device: torch.device) -> float | None:
     return statistics.median(t_ours) / statistics.median(t_hf)
 
 
-def bench_methods(base: list[str], steps: int, methods: list[str]) -> dict[str, float]:
-    """Wall-clock of training `steps` steps with each method / stratified (same data, model, seed)."""
+def method_fit(base: list[str], steps: int, method: str, run_dir: Path, reference: str | None) -> dict:
+    """Train `steps` steps of `method` (no periodic checkpoints): its fit time and own evaluation share."""
     from aioli_repro.training.run import run_training
 
-    out: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def fit_time(method: str, extra: list[str], extras: dict | None = None) -> tuple[float, Path]:
-            cfg = _cfg([*base, f"method={method}", f"train.max_steps={steps}", *extra])
-            run_dir = Path(tmp) / method
-            s = run_training(cfg, run_dir, extras=extras)
-            if s.get("method_evals"):  # the method's own validation passes (Aioli: LearnParams)
-                out[f"{method}_eval_share"] = s["method_eval_s"] / s["fit_s"]
-                out[f"{method}_evals"] = s["method_evals"]
-            return s["fit_s"], run_dir
-
-        t_strat, strat_dir = fit_time("stratified", ["train.checkpoint_every=0"])
-        for m in methods:
-            extras = None
-            if m == "doremi":
-                extras = {"reference_checkpoint": str(strat_dir / "checkpoints" / "final.ckpt")}
-            if m == "skillit":
-                continue
-            extra = ["train.checkpoint_every=0"]
-            if m == "aioli":  # two rounds in the benchmark's step budget, the hp's LearnParams share
-                extra.append(f"hp.aioli.update_steps={steps // 2}")
-            t, _ = fit_time(m, extra, extras)
-            out[f"{m}_vs_stratified"] = t / t_strat
+    extra = ["train.checkpoint_every=0"]
+    if method == "aioli":  # two rounds in the benchmark's step budget, the hp's LearnParams share
+        extra.append(f"hp.aioli.update_steps={steps // 2}")
+    cfg = _cfg([*base, f"method={method}", f"train.max_steps={steps}", *extra])
+    extras = {"reference_checkpoint": reference} if method == "doremi" else None
+    s = run_training(cfg, run_dir, extras=extras)
+    out = {"fit_s": s["fit_s"], "steps": s["steps"]}
+    if s.get("method_evals"):  # the method's own validation passes (Aioli: LearnParams)
+        out.update(eval_share=s["method_eval_s"] / s["fit_s"], evals=s["method_evals"])
     return out
 
 
@@ -288,53 +275,155 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default="aioli,doge,doremi", help="comma list, or '' to skip")
     ap.add_argument("--data", default=None, help="data config (default: the scale's)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--part-limit-s", type=float, default=900.0, help="time limit of each part (seconds)")
     ap.add_argument("--out", default="results/bench.json")
-    ap.add_argument("--md", default="docs/benchmarks.md")
+    ap.add_argument(
+        "--md", default="docs/benchmarks.md", help="Markdown table to append a row to ('' : none)"
+    )
+    # the child side of one part (aioli_repro/timed_parts.py)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     return ap
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Every benchmark of the module docstring on this machine; writes --out and appends to --md."""
-    args = _parser().parse_args(argv)
-    from aioli_repro.training.preflight import build_data
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda":
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+def _base_overrides(args: argparse.Namespace) -> list[str]:
     base = [f"scale={args.scale}", "logger=none", "progress=false"]
     base += [f"model={args.model}"] if args.model else []
     base += [f"data={args.data}"] if args.data else []
-    base += ["train.compile=true"] if args.compile else []
-    cfg = _cfg(base)
-    apply_process_settings(resolve_device_settings(cfg))  # TF32 as a training run sets it
-    _, packed = build_data(cfg)
-    name = _device_name(device)
-    t = cfg.train
-    print(f"[bench] device: {name}; model {cfg.model}; batch {t.batch_size} x {t.context_length}")
-    result = {"device": name, **_step_throughput(cfg, packed, args.steps, args.pairs, device)}
-    result["ours_vs_hf"] = bench_hf(cfg, max(6, args.steps // 5), device)
-    result["sampler_vs_step"] = bench_sampler(cfg, packed) / result["tokens_per_s"]
-    result.update(_memory_and_mfu(cfg, result["tokens_per_s"], device, name))
-    methods = [m for m in args.methods.split(",") if m]
+    return base + (["train.compile=true"] if args.compile else [])
+
+
+def _passthrough(argv: list[str]) -> list[str]:
+    """The user's options, which every part's process gets too (the report's own are left out)."""
+    args = _parser().parse_args(argv)
+    keep = ["--scale", args.scale, "--steps", str(args.steps), "--method-steps", str(args.method_steps)]
+    keep += ["--pairs", str(args.pairs)] + (["--model", args.model] if args.model else [])
+    return keep + (["--data", args.data] if args.data else []) + (["--compile"] if args.compile else [])
+
+
+def _parts(args: argparse.Namespace, argv: list[str], work: Path) -> list[PartSpec]:
+    """step (Lightning vs plain, memory, MFU), hf, sampler, then stratified and each method."""
+    common, lim = [*_passthrough(argv), "--work-dir", str(work)], args.part_limit_s
+    parts: list[PartSpec] = [Part(n, lim, common) for n in ("step", "hf", "sampler")]
+    methods = [m for m in args.methods.split(",") if m and m != "skillit"]  # Skill-It needs a graph run
     if methods:
-        result.update(bench_methods(base, args.method_steps, methods))
-    for m in ("aioli", "doge", "doremi"):
-        result.setdefault(f"{m}_vs_stratified", None)
+        parts.append(Part("method:stratified", lim, common))
+    for m in methods:
+        parts.append(
+            lambda done, m=m: Part(f"method:{m}", lim, common) if _ok(done, "method:stratified") else None
+        )
+    return parts
+
+
+def _ok(done: dict[str, PartResult], name: str) -> bool:
+    return name in done and done[name].status == OK
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Every benchmark of the module docstring on this machine, each part in its own process with its
+    own time limit; --out is rewritten after every part (cut parts listed), --md gets a row at the end."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.part:
+        _child(args)
+        return {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    _append_markdown(Path(args.md), result)
+    result: dict = {"device": _device_name(_device()), "parts": {}, "cut": [], "failed": []}
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        report = Report(Path(work) / "parts.json", None, {}, "bench")  # the parts' files live here
+
+        def record(r: PartResult, result: dict = result) -> str:
+            _merge(result, r)
+            atomic_write_json(out, result)
+            return ""
+
+        run_parts("aioli_repro.bench", _parts(args, argv, Path(work)), report, record)
+    if args.md:
+        _append_markdown(Path(args.md), result)
     print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
     return result
 
 
-def _step_throughput(cfg: DictConfig, packed: object, steps: int, n_pairs: int, device: torch.device) -> dict:
-    """Our Lightning step against a plain PyTorch loop, per phase.
+def _merge(result: dict, r: PartResult) -> None:
+    """One part's figures into the flat result, with the ratios that need two parts."""
+    result["parts"][r.name] = {"status": r.status, "seconds": round(r.seconds, 1), "limit_s": r.limit_s}
+    if r.status == CUT:
+        result["cut"].append(r.name)
+    elif r.status == FAILED:
+        result["failed"].append(r.name)
+        result["parts"][r.name]["error"] = r.error
+    f = r.figures
+    if r.name in ("step", "hf"):
+        result.update(f)
+    elif r.name == "sampler" and "sampler_tokens_per_s" in f:
+        result["sampler_tokens_per_s"] = f["sampler_tokens_per_s"]
+    elif r.name.startswith("method:") and "fit_s" in f:
+        m = r.name.split(":", 1)[1]
+        result[f"{m}_fit_s"] = f["fit_s"]
+        if m != "stratified" and result.get("stratified_fit_s"):
+            result[f"{m}_vs_stratified"] = f["fit_s"] / result["stratified_fit_s"]
+        if "eval_share" in f:
+            result[f"{m}_eval_share"], result[f"{m}_evals"] = f["eval_share"], f["evals"]
+    for key in ("tokens_per_s", "lightning_vs_plain", "ours_vs_hf", "mfu", "step_ms", "batch_size"):
+        result.setdefault(key, None)
+    if result.get("sampler_tokens_per_s") and result.get("tokens_per_s"):
+        result["sampler_vs_step"] = result["sampler_tokens_per_s"] / result["tokens_per_s"]
+    for m in ("aioli", "doge", "doremi"):
+        result.setdefault(f"{m}_vs_stratified", None)
+    result.setdefault("sampler_vs_step", None)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One part, in its own process: its figures go to --part-out as each is measured."""
+    from aioli_repro.training.preflight import build_data
+
+    out, device = PartOutput(args.part_out), _device()
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    base = _base_overrides(args)
+    cfg = _cfg(base)
+    apply_process_settings(resolve_device_settings(cfg))  # TF32 as a training run sets it
+    _, packed = build_data(cfg)
+    if args.part == "step":
+        t, name = cfg.train, _device_name(device)
+        print(f"[bench] device: {name}; model {cfg.model}; batch {t.batch_size} x {t.context_length}")
+        step_throughput(cfg, packed, args.steps, args.pairs, device, out)
+        out.put(**memory_and_mfu(cfg, out.figures["tokens_per_s"], device, _device_name(device)))
+    elif args.part == "hf":
+        out.put(ours_vs_hf=bench_hf(cfg, max(6, args.steps // 5), device))
+    elif args.part == "sampler":
+        out.put(sampler_tokens_per_s=bench_sampler(cfg, packed))
+    elif args.part.startswith("method:"):
+        m = args.part.split(":", 1)[1]
+        ref = str(Path(args.work_dir) / "stratified" / "checkpoints" / "final.ckpt")
+        out.put(**method_fit(base, args.method_steps, m, Path(args.work_dir) / m, ref))
+    else:
+        raise SystemExit(f"bench: unknown part {args.part!r}")
+
+
+def step_throughput(
+    cfg: DictConfig, packed: object, steps: int, n_pairs: int, device: torch.device, out: PartOutput
+) -> None:
+    """Our Lightning step against a plain PyTorch loop, per phase; figures to `out` after every pair.
 
     Plain and Lightning runs alternate and the median of the per-pair ratios is kept: on a shared or
     throttling machine a single plain/Lightning/plain bracket swings by +-10% (measured)."""
     warm = max(3, steps // 10)
     pairs, light_all, plain_all, phases = [], [], [], None
+    tokens_per_step = cfg.train.batch_size * cfg.train.context_length
+    out.put(
+        model={k: v for k, v in dict(cfg.model).items() if k != "_target_"},
+        batch_size=cfg.train.batch_size,
+        context_length=cfg.train.context_length,
+        steps=steps,
+        compile=resolve_device_settings(cfg).compile,
+    )
     for _ in range(max(1, n_pairs)):
         plain_times, ph = bench_plain(cfg, packed, steps, device)
         light_times = bench_lightning(cfg, packed, steps, device)
@@ -343,24 +432,22 @@ def _step_throughput(cfg: DictConfig, packed: object, steps: int, n_pairs: int, 
         pairs.append(l_med / p_med)
         plain_all += plain_times[warm:]
         light_all += light_times[warm:]
-    plain_med, light_med = statistics.median(plain_all), statistics.median(light_all)
-    tokens_per_step = cfg.train.batch_size * cfg.train.context_length
-    return {
-        "model": {k: v for k, v in dict(cfg.model).items() if k != "_target_"},
-        "batch_size": cfg.train.batch_size,
-        "context_length": cfg.train.context_length,
-        "steps": steps,
-        "tokens_per_s": tokens_per_step / light_med,
-        "plain_tokens_per_s": tokens_per_step / plain_med,
-        "step_ms": light_med * 1e3,
-        "lightning_vs_plain": statistics.median(pairs),
-        "lightning_vs_plain_pairs": pairs,
-        "phase_ms": {k: 1e3 * statistics.median(v[warm:]) for k, v in phases.items()},
-    }
+        plain_med, light_med = statistics.median(plain_all), statistics.median(light_all)
+        out.put(
+            tokens_per_s=tokens_per_step / light_med,
+            plain_tokens_per_s=tokens_per_step / plain_med,
+            step_ms=light_med * 1e3,
+            lightning_vs_plain=statistics.median(pairs),
+            lightning_vs_plain_pairs=pairs,
+            phase_ms={k: 1e3 * statistics.median(v[warm:]) for k, v in phases.items()},
+        )
 
 
-def _memory_and_mfu(cfg: DictConfig, tokens_per_s: float, device: torch.device, name: str) -> dict:
-    """GPU: model FLOP utilisation and peak memory; CPU: peak resident memory (no MFU)."""
+def memory_and_mfu(cfg: DictConfig, tokens_per_s: float, device: torch.device, name: str) -> dict:
+    """GPU: model FLOP utilisation and peak memory; CPU: peak resident memory (no MFU).
+
+    MFU = (6 N + 12 L d T) FLOPs per token (model.flops_per_token: N without the input embedding, a
+    lookup) x tokens/s / the device's peak dense bf16 FLOP/s (PEAK_BF16)."""
     if device.type != "cuda":
         import resource
 
@@ -389,14 +476,17 @@ def _append_markdown(path: Path, r: dict) -> None:
     text = path.read_text()
     if "| date | device |" not in text:
         text += "\n" + header
-    m = r["model"]
+    m = r.get("model") or {}
+    shape = f"{r['batch_size']}×{r['context_length']}" if r.get("batch_size") else "—"
+    missing = "; ".join(f"{k}: {', '.join(r.get(k) or [])}" for k in ("cut", "failed") if r.get(k))
+    device = r["device"] + (" (compiled)" if r.get("compile") else "") + (f" ({missing})" if missing else "")
     row = (
-        f"| {time.strftime('%Y-%m-%d')} | {r['device']} | {m.get('n_layer')}L d{m.get('d_model')} | "
-        f"{r['batch_size']}×{r['context_length']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+        f"| {time.strftime('%Y-%m-%d')} | {device} | {m.get('n_layer', '?')}L d{m.get('d_model', '?')} | "
+        f"{shape} | "
+        f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['step_ms'], '.1f')} | "
         f"{_fmt(r['lightning_vs_plain'])} | {_fmt(r['ours_vs_hf'])} | {_fmt(r['aioli_vs_stratified'])} | "
         f"{_fmt(r['doge_vs_stratified'])} | {_fmt(r['doremi_vs_stratified'])} | "
-        f"{_fmt(r['sampler_vs_step'], '.1f')} | "
-        f"{_fmt(r['mfu'], '.1%') if r['mfu'] is not None else '—'} |\n"
+        f"{_fmt(r['sampler_vs_step'], '.1f')} | {_fmt(r['mfu'], '.1%')} |\n"
     )
     path.write_text(text + row)
 

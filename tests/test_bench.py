@@ -37,5 +37,20 @@ def test_bench_writes_every_key_and_a_markdown_row(tmp_path: Path, cache_dir: Pa
     # tokens/s is the Lightning step's: batch x context / step time
     assert saved["tokens_per_s"] == pytest.approx(8 * 256 / (saved["step_ms"] / 1e3))
     assert set(saved["phase_ms"]) == {"data", "forward", "backward", "optimizer", "mixing"}
+    # each part ran in its own process under its limit, and the JSON says so
+    assert set(saved["parts"]) == {"step", "hf", "sampler", "method:stratified", "method:doremi"}
+    assert all(p["status"] == "ok" for p in saved["parts"].values()) and saved["cut"] == []
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and f"{r['tokens_per_s']:,.0f}" in rows[0]
+
+
+def test_bench_records_parts_cut_at_their_limit(tmp_path: Path) -> None:
+    """A part that runs out of time is recorded as cut (here: all three, at 0.2 s each), the JSON is
+    still written, and the Markdown row shows what is missing."""
+    out, md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    r = bench.main(["--methods", "", "--part-limit-s", "0.2", "--out", str(out), "--md", str(md)])
+    saved = json.loads(out.read_text())
+    assert saved["cut"] == ["step", "hf", "sampler"] == r["cut"]
+    assert {p["status"] for p in saved["parts"].values()} == {"cut"}
+    assert saved["tokens_per_s"] is None and saved["mfu"] is None
+    assert "cut: step, hf, sampler" in md.read_text()
