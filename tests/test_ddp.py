@@ -157,22 +157,13 @@ def _nan_on_rank_1(self, batch, seq_loss, ctx):
 
 
 Stratified.training_loss = _nan_on_rank_1
-if os.environ.get("FAKE_CUDA"):  # the GPU path's device-side bookkeeping, on CPU: the module reports
-    import torch  # a cuda device to its finite checks only (the run's collectives stay on CPU)
-    from aioli_repro.training.module import MixingLM
+if os.environ.get("FAKE_CUDA"):  # the GPU path's device-side bookkeeping (no host sync per step), on CPU
+    import dataclasses
 
-    def _as_cuda(fn):
-        def wrapped(self, *a, **k):
-            real, self._device = self._device, torch.device("cuda", 0)
-            try:
-                return fn(self, *a, **k)
-            finally:
-                self._device = real
+    from aioli_repro.training import preflight
 
-        return wrapped
-
-    for name in ("_guard_finite", "finish_step", "on_save_checkpoint"):
-        setattr(MixingLM, name, _as_cuda(getattr(MixingLM, name)))
+    _resolve = preflight.resolve_device_settings
+    preflight.resolve_device_settings = lambda cfg: dataclasses.replace(_resolve(cfg), sync_free=True)
 if sys.argv[1:2] == ["aioli_repro.train"]:  # rank 0's command; rank 1's has the overrides only
     del sys.argv[1]
 runpy.run_module("aioli_repro.train", run_name="__main__", alter_sys=False)  # __main__ stays this script

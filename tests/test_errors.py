@@ -261,12 +261,14 @@ def test_nonfinite_loss_on_the_gpu_path_is_caught_before_any_checkpoint(
     log_every, ckpt_every, cache_dir, tmp_path, monkeypatch
 ):
     """The GPU path has no per-step host sync: the first bad step is kept on the device and raised at
-    the next log point or checkpoint. Simulated on CPU by reporting the module's device as cuda."""
+    the next log point or checkpoint. On CPU with the GPU path's setting (settings.sync_free)."""
+    import dataclasses
+
     import lightning as L
 
     class FakeCuda(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            pl_module._device = torch.device("cuda", 0)
+            pl_module.settings = dataclasses.replace(pl_module.settings, sync_free=True)
 
     cfg = _cfg(
         cache_dir,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gpu_settings_on_cpu import ClipProbe
 
 from aioli_repro.training.run import run_training
 
@@ -44,3 +45,12 @@ def test_aioli_run_on_gpu(make_cfg, tmp_path):
     assert s["method_evals"] > 0
     p = list(s["trajectory"][-1]["p"].values())
     assert abs(sum(p) - 1) < 1e-6 and min(p) > 0
+
+
+def test_fused_adamw_clips_the_global_norm_on_the_gpu(make_cfg, tmp_path):
+    """The step-1 crash of 60daca0 (fused AdamW + norm clipping under bf16-mixed), on the device."""
+    probe = ClipProbe()
+    cfg = make_cfg("trainer=gpu", "train.max_steps=10", "train.checkpoint_every=5", "train.grad_clip=0.05")
+    s = run_training(cfg, tmp_path, callbacks=[probe])
+    assert probe.fused and probe.precision == "bf16-mixed" and s["steps"] == 10
+    assert min(probe.pre) > 0.5 and max(probe.post) == pytest.approx(0.05, rel=1e-3)

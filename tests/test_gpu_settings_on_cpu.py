@@ -112,7 +112,7 @@ def test_trainer_gpu_resolves_every_gpu_setting_and_the_cpu_default_none(make_cf
     # on a CUDA node the defaults ("auto") are the GPU path: a single place decides
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     auto = resolve_device_settings(make_cfg("train.compile=true"))
-    assert auto == DeviceSettings("cuda", "bf16-mixed", True, True, True, False)
+    assert auto == DeviceSettings("cuda", "bf16-mixed", True, True, True, False, sync_free=True)
     fp16 = resolve_device_settings(make_cfg("trainer.precision=16-mixed", "trainer.fused_optimizer=false"))
     assert fp16.grad_scaler and fp16.autocast_dtype is torch.float16 and not fp16.fused_adamw
     assert not resolve_device_settings(make_cfg("trainer.precision=32-true")).tf32  # full fp32 stays exact

@@ -28,6 +28,9 @@ class Batch:
 
     tokens: torch.Tensor  # (B, T) int64
     group_ids: torch.Tensor  # (B,) int64, index into the run's groups
+    # sequences per group in the whole (global) batch, counted on the host when it was drawn, so a
+    # method that needs them (Aioli's probe mixtures) never reads them back from the device
+    group_counts: np.ndarray | None = None
 
 
 class _StepTickets(IterableDataset):
@@ -69,6 +72,7 @@ class MixtureDataModule(L.LightningDataModule):
         contiguous slice, so N devices train on exactly the batches, and group compositions, of one.
         """
         gids, sidx = self.sampler.next_batch()
+        counts = np.bincount(gids, minlength=len(self.groups)).astype(np.float64)
         n, r = world.size(), world.rank()
         if n > 1:
             if len(gids) % n:
@@ -76,7 +80,7 @@ class MixtureDataModule(L.LightningDataModule):
             per = len(gids) // n
             gids, sidx = gids[r * per : (r + 1) * per], sidx[r * per : (r + 1) * per]
         rows = np.stack([self.train_arrays[g][s] for g, s in zip(gids, sidx)]).astype(np.int64)
-        return Batch(tokens=torch.from_numpy(rows), group_ids=torch.from_numpy(gids.astype(np.int64)))
+        return Batch(torch.from_numpy(rows), torch.from_numpy(gids.astype(np.int64)), counts)
 
     def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
         if isinstance(batch, (int, torch.Tensor)) and self.trainer is not None and self.trainer.training:

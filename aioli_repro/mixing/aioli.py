@@ -316,8 +316,8 @@ class Aioli(MixingMethod):
         phase, t, tau = self._locate(int(step) - 1)  # the batch just trained
         if phase == "probe" and self.solve_with == "realised":
             self._ensure_round(t)
-            # host sync only on probe steps; exploitation steps never touch the counts
-            self._counts[tau] += stats.count.detach().float().cpu().numpy()
+            # counted on the host when the batch was drawn: no device read on a probe step either
+            self._counts[tau] += stats.counts()
 
     # -- the update -----------------------------------------------------------------------------
     def _probe_matrix(self) -> np.ndarray:

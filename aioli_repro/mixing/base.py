@@ -70,6 +70,13 @@ class StepStats:
 
     loss_sum: torch.Tensor  # (m,) sum of per-sequence mean losses
     count: torch.Tensor  # (m,) number of sequences
+    host_count: np.ndarray | None = None  # the same counts, from the host (no device read)
+
+    def counts(self) -> np.ndarray:
+        """Sequences per group as numpy: the host copy when there is one, else a device read."""
+        if self.host_count is not None:
+            return np.asarray(self.host_count, dtype=np.float64)
+        return self.count.detach().double().cpu().numpy()
 
     def mean(self) -> np.ndarray:
         """Per-group mean loss as numpy (NaN for groups absent from the batch). Forces a host sync."""

@@ -327,6 +327,9 @@ class RunProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        loss = getattr(pl_module, "shown_loss", None)  # the last logging window's: no device read
+        if loss is not None:
+            items["train/loss"] = f"{loss:.3f}"
         shown = self.mixing.shown
         if shown is not None or self.mixing.probing:
             label, values = shown if shown is not None else ("p", [])

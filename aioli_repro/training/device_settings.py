@@ -28,6 +28,9 @@ class DeviceSettings:
     tf32: bool  # TF32 for fp32 matmuls outside autocast: CUDA mixed-precision runs by default
     compile: bool  # torch.compile the decoder (train.compile)
     flash_attn: bool  # model.use_flash_attn, flash-attn installed, and a CUDA half-precision run
+    # the training step never reads a device value on the host: a non-finite loss is found at the next
+    # log point or checkpoint (CUDA; the tests force it on CPU), instead of before the update (CPU)
+    sync_free: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -84,6 +87,7 @@ def resolve_device_settings(cfg: DictConfig) -> DeviceSettings:
         tf32=_auto(tr.get("tf32"), cuda and mixed),
         compile=bool(t.get("compile") or False),
         flash_attn=bool(cfg.model.get("use_flash_attn")) and cuda and mixed and _flash_attn_installed(),
+        sync_free=cuda,
     )
 
 

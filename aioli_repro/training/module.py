@@ -173,6 +173,7 @@ class MixingLM(L.LightningModule):
         self.register_buffer("_bad_present", torch.zeros(m, dtype=torch.bool), persistent=False)
         self._eval_cache: dict[tuple, np.ndarray] = {}
         self.tokens_seen = 0
+        self.shown_loss: float | None = None  # mean train loss of the last logging window (host)
         self._finished_step = -1  # the last step whose end-of-step bookkeeping ran (see finish_step)
         self._window_start = 0  # step at which the current logging window began
         # what determines the run's results (set by run_training); a checkpoint from another config is refused
@@ -202,16 +203,14 @@ class MixingLM(L.LightningModule):
             sums, cnts, n_bad = world.all_reduce_sum(torch.cat([sums, cnts, flag])).split([m, m, 1])
             loss_bad = n_bad[0] > 0
         self._guard_finite(loss.detach(), loss_bad, sums, cnts)
-        self.last_stats = StepStats(loss_sum=sums, count=cnts)
+        self.last_stats = StepStats(loss_sum=sums, count=cnts, host_count=batch.group_counts)
         self._log_sum += sums
         self._log_cnt += cnts
         self._log_loss += loss.detach().float()
         self.tokens_seen += batch.tokens.numel() * world.size()
-        # progress bar only: train metrics reach the loggers from finish_step, stamped with the step they
-        # belong to and written before that step's checkpoint, so a resumed run logs exactly the same rows
-        self.log(
-            "train/loss", loss.detach(), on_step=True, prog_bar=True, logger=False, batch_size=len(seq_loss)
-        )
+        # nothing is read back here: train metrics reach the loggers (and the progress bar) from
+        # finish_step at log points, stamped with the step they belong to and written before that step's
+        # checkpoint, so a resumed run logs exactly the same rows
         return loss
 
     def _step_context(self) -> StepContext:
@@ -235,7 +234,7 @@ class MixingLM(L.LightningModule):
         bad_groups = ~torch.isfinite(sums)
         bad = bad_groups.any() | loss_bad
         step = self.global_step + 1  # the step being computed (global_step counts completed steps)
-        if self.device.type != "cuda":  # a host check costs nothing here: raise before backward
+        if not self.settings.sync_free:  # a host check costs nothing on a CPU: raise before backward
             if bool(bad):
                 shown = loss if world.size() == 1 else None  # under DDP each rank's own loss differs
                 msg = self._nonfinite_message(step, bad_groups.tolist(), cnts.tolist(), shown)
@@ -287,7 +286,7 @@ class MixingLM(L.LightningModule):
         self._finished_step = step
         if not (step % self.log_every == 0 or step == self.max_steps):
             return
-        if self.device.type == "cuda":
+        if self.settings.sync_free:
             self._raise_if_nonfinite()
         means = (self._log_sum / self._log_cnt.clamp_min(1)).tolist()
         cnt = self._log_cnt.tolist()
@@ -296,6 +295,7 @@ class MixingLM(L.LightningModule):
         if n_steps > 0:  # each rank's loss is over its slice: their mean is the global batch's
             window_loss = float(world.all_reduce_sum(self._log_loss.clone())) / world.size()
             metrics["train/loss"] = window_loss / n_steps
+            self.shown_loss = metrics["train/loss"]  # the progress bar's, updated at log points only
         metrics["train/tokens"] = float(self.tokens_seen)
         metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         if self.trainer.is_global_zero:
@@ -308,7 +308,7 @@ class MixingLM(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.device.type == "cuda":
+        if self.settings.sync_free:
             self._raise_if_nonfinite()  # never write a checkpoint after a non-finite step
         checkpoint[_CKPT_KEY] = {
             "tokens_seen": int(self.tokens_seen),
