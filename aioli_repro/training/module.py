@@ -22,7 +22,7 @@ from aioli_repro.mixing.base import Batch, MixingMethod, StepContext, StepStats
 from aioli_repro.model import GPTNeoX, ModelConfig, build_model, lm_token_losses
 from aioli_repro.training.clipping import clip_gradients_
 from aioli_repro.training.device_settings import DeviceSettings
-from aioli_repro.training.evaluation import evaluate_groups
+from aioli_repro.training.evaluation import EvalSet, eval_set, evaluate_groups
 from aioli_repro.training.loggers import JsonlLogger
 
 _CKPT_KEY = "aioli_repro"  # our extra state in every Lightning checkpoint
@@ -172,6 +172,7 @@ class MixingLM(L.LightningModule):
         self.register_buffer("_bad_groups", torch.zeros(m, dtype=torch.bool), persistent=False)
         self.register_buffer("_bad_present", torch.zeros(m, dtype=torch.bool), persistent=False)
         self._eval_cache: dict[tuple, np.ndarray] = {}
+        self._eval_sets: dict[tuple, EvalSet] = {}  # held-out tokens on the device, per (split, cap)
         self.tokens_seen = 0
         self.shown_loss: float | None = None  # mean train loss of the last logging window (host)
         self._finished_step = -1  # the last step whose end-of-step bookkeeping ran (see finish_step)
@@ -395,8 +396,11 @@ class MixingLM(L.LightningModule):
         key = (self.global_step, split, cap)
         if use_cache and key in self._eval_cache:
             return self._eval_cache[key]
+        data = self._eval_sets.get((split, cap))
+        if data is None or data.tokens.device != self.device:  # on the device once per split and cap
+            data = self._eval_sets[(split, cap)] = eval_set(sequences, self.device, cap)
         autocast = self.settings.autocast_dtype  # evaluation runs in training's precision
-        losses = evaluate_groups(self.model, sequences, self.eval_batch_size, self.device, cap, autocast)
+        losses = evaluate_groups(self.model, data, self.eval_batch_size, autocast)
         self._eval_cache = {k: v for k, v in self._eval_cache.items() if k[0] == self.global_step}
         self._eval_cache[key] = losses
         return losses
