@@ -184,7 +184,10 @@ class MixingLM(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.settings.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            self.model = torch.compile(self.model)
+            # static shapes: one graph per batch shape (training, evaluation, an eval tail, DoGE's val
+            # batch), each compiled once; automatic dynamic shapes would move training onto a slower
+            # dynamic-batch graph as soon as a second shape is seen
+            self.model = torch.compile(self.model, dynamic=False)
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

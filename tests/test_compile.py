@@ -1,0 +1,57 @@
+"""torch.compile of the decoder (train.compile=true): static shapes, one graph per batch shape, no
+recompilation per step. Dynamo's tracing and guards decide recompiles whatever the backend, so the
+test compiles with the "eager" backend (no code generation) to stay fast on a CPU; the compiled-vs-eager
+losses on real kernels are checked on a GPU (tests/test_gpu.py) and by `make gpu-check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from aioli_repro.training.run import run_training
+
+
+class GraphCount(L.Callback):
+    """Dynamo's count of compiled graphs after every step."""
+
+    def __init__(self) -> None:
+        self.after_step: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.after_step[trainer.global_step] = counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture
+def eager_backend(monkeypatch) -> list[dict]:
+    calls = []
+    real = torch.compile
+
+    def compile_(model, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append(kwargs)
+        return real(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    counters.clear()
+    yield calls
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["stratified"])
+def test_no_recompile_per_step(method, eager_backend, make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "train.compile=true", f"method={method}", "train.max_steps=12", "train.val_every=4",
+        "train.checkpoint_every=0", "train.val_max_seqs=40",  # 80 val sequences: batches of 32, 32, 16
+    )  # fmt: skip
+    counts = GraphCount()
+    s = run_training(cfg, tmp_path, callbacks=[counts])
+    assert eager_backend == [{"dynamic": False}]  # static shapes
+    assert s["steps"] == 12
+    # the shapes all appear by the first evaluation (step 4: train, eval 32 and its 16-row tail; DoGE's
+    # 2-row val batch at step 1); later steps, evaluations included, reuse those graphs
+    assert counts.after_step[12] == counts.after_step[5] > 0, counts.after_step
+    assert counts.after_step[12] <= 4 + 2 * (method == "doge"), counts.after_step
