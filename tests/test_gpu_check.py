@@ -39,16 +39,16 @@ def _rehearse(tmp_path: Path, cache_dir: Path, skip: str, monkeypatch) -> tuple[
 
 
 def test_cpu_rehearsal_runs_every_part_and_writes_the_report(tmp_path, cache_dir, monkeypatch) -> None:
-    # the compiled bench is the one slow part on a CPU (inductor): it runs in the slow test below
-    rc, report, md = _rehearse(tmp_path, cache_dir, "bench_compiled", monkeypatch)
+    # the compiled bench (inductor on a CPU) and the GPU tests (a pytest inside pytest) run in the slow
+    # test below, to keep the default suite short
+    rc, report, md = _rehearse(tmp_path, cache_dir, "bench_compiled,gpu_tests", monkeypatch)
     parts = report["parts"]
-    expected = {"environment", "gpu_tests", "bench_eager", "gpu_hours", "verdict"}
+    expected = {"environment", "bench_eager", "gpu_hours", "verdict"}
     assert set(parts) == expected | {f"run:{m}" for m in gpu_check.RUN_METHODS}
     assert all(p["status"] == "ok" for p in parts.values()), {k: p["error"] for k, p in parts.items()}
     assert rc == 0 and report["verdict"]["passed"]
     env = parts["environment"]
     assert env["torch"] == torch.__version__ and env["settings"]["precision"] == "32-true"
-    assert parts["gpu_tests"]["skipped"] >= 3 and parts["gpu_tests"]["failed"] == 0  # no CUDA: skipped
     bench = parts["bench_eager"]
     assert bench["tokens_per_s"] > 0 and bench["lightning_vs_plain"] > 0 and bench["mfu"] is None
     for m in gpu_check.RUN_METHODS:
@@ -68,11 +68,15 @@ def test_cpu_rehearsal_runs_every_part_and_writes_the_report(tmp_path, cache_dir
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_with_the_compiled_bench(tmp_path, cache_dir, monkeypatch) -> None:
-    rc, report, _ = _rehearse(tmp_path, cache_dir, "gpu_tests,run:aioli,run:doge,run:doremi", monkeypatch)
-    compiled = report["parts"]["bench_compiled"]
-    assert rc == 0 and compiled["status"] == "ok" and compiled["compile"] is True
-    assert compiled["tokens_per_s"] > 0
+def test_cpu_rehearsal_of_the_gpu_tests_and_the_compiled_bench(tmp_path, cache_dir, monkeypatch) -> None:
+    _, report, _ = _rehearse(tmp_path, cache_dir, "run:stratified,run:aioli,run:doge,run:doremi", monkeypatch)
+    parts = report["parts"]
+    assert all(p["status"] == "ok" for n, p in parts.items() if n != "verdict"), parts
+    assert parts["gpu_tests"]["skipped"] >= 4 and parts["gpu_tests"]["failed"] == 0  # no CUDA: skipped
+    compiled = parts["bench_compiled"]
+    assert compiled["compile"] is True and compiled["tokens_per_s"] > 0
+    assert parts["gpu_hours"]["tokens_per_s"] == parts["bench_eager"]["tokens_per_s"]  # no run: the bench's
+    assert "FAIL: the loss went down in every run (no run)" in report["verdict"]["lines"]
 
 
 def test_the_verdict_fails_on_a_cut_part_a_flat_loss_or_a_slow_aioli() -> None:
