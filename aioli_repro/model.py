@@ -324,14 +324,20 @@ class GPTNeoX(nn.Module):
         return dict(sd)
 
 
-def lm_token_losses(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def lm_token_losses(model: nn.Module, input_ids: torch.Tensor, dynamic_batch: bool = False) -> torch.Tensor:
     """Next-token losses (B, T-1) in fp32: position t predicts token t+1 from tokens 0..t.
 
-    Works with a torch.compile'd GPTNeoX too (it only calls the module).
+    Works with a torch.compile'd GPTNeoX too (it only calls the module). `dynamic_batch`: batches of
+    many sizes share one compiled graph with a dynamic batch dimension (a compiled model is otherwise
+    specialised to each batch size it sees, up to Dynamo's recompile limit).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(input_ids.shape)}")
-    out = model(input_ids[:, :-1], targets=input_ids[:, 1:], return_logits=False)
+    inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
+    if dynamic_batch:
+        torch._dynamo.maybe_mark_dynamic(inputs, 0)
+        torch._dynamo.maybe_mark_dynamic(targets, 0)
+    out = model(inputs, targets=targets, return_logits=False)
     return out.token_loss
 
 

@@ -8,7 +8,6 @@ sampling, gradient = sum_i alpha_i clip(g_i)) -> a static run on the time-averag
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,41 +21,91 @@ from aioli_repro.model import lm_token_losses
 _RNG_TAG = 0xD06E  # keeps the val-sampling stream apart from the data sampler's (same run seed)
 
 
-def _grad_norm(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Global L2 norm over a gradient tuple, as `clip_grad_norm_` computes it."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def _dot(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.stack([torch.sum(x.float() * y.float()) for x, y in zip(a, b)]).sum()
-
-
 def _clip_coef(norm: torch.Tensor) -> torch.Tensor:
     # exactly `clip_grad_norm_(max_norm=1.0)`: scale by 1/(norm + 1e-6) when that is below 1
     return torch.clamp(1.0 / (norm + 1e-6), max=1.0)
 
 
-def _group_loss_and_grad(
-    seq_loss: torch.Tensor,
-    mask: torch.Tensor,
-    count: torch.Tensor,
-    grads_of: Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]],
-    params: list[torch.Tensor],
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """A group's mean training loss (the term to backpropagate) and the gradient of its global mean.
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params as one flat fp32 vector (zeros for parameters the loss does not reach).
 
-    On one process: the batch mean and its gradient. Under DDP each rank holds a slice of the batch: its
-    term is its share of the global mean (times the world size, as DDP averages the final gradients),
-    and the gradient is the sum over ranks of the shares' gradients, i.e. that of the global mean.
+    Flat, so that a norm, a dot product or a weighted sum is one kernel rather than one per parameter.
     """
-    if world.size() == 1:
-        loss = seq_loss[mask].mean()
-        return loss, grads_of(loss, True)
-    share = seq_loss[mask].sum() / count.to(seq_loss.dtype)
-    grads = grads_of(share, True) if bool(mask.any()) else tuple(torch.zeros_like(p) for p in params)
-    flat = world.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-    summed = tuple(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads))
-    return share * world.size(), summed
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).float().reshape(-1) for g, p in zip(grads, params)]
+    )
+
+
+def _rows_per_group(batch: Batch, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this rank's, the global batch's) rows per group, on the host.
+
+    One process, with the counts the sampler attached to the batch: no device read. Otherwise one read
+    of this rank's counts and, under DDP, their sum over the ranks (a single transfer).
+    """
+    if batch.group_counts is not None and world.size() == 1:
+        counts = np.asarray(batch.group_counts).astype(np.int64)
+        return counts, counts
+    local = torch.bincount(batch.group_ids, minlength=m)
+    both = torch.cat([local, world.all_reduce_sum(local.clone())]).cpu().numpy()
+    return both[:m], both[m:]
+
+
+def _group_gradients(
+    model: torch.nn.Module, batch: Batch, local: np.ndarray, total: np.ndarray, params: list[torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Flat gradient of each present group's global mean loss, from a forward/backward on its rows only.
+
+    Rows are independent, so this is the gradient the whole-batch graph would give, without backward
+    passes through that graph. Under DDP each rank differentiates its rows' share of the global mean
+    (zeros when it holds none of the group) and the shares are summed over the ranks.
+    """
+    order = torch.argsort(batch.group_ids, stable=True)  # groups become contiguous row ranges
+    tokens = batch.tokens.index_select(0, order)
+    start = np.concatenate([[0], np.cumsum(local)])
+    out: dict[int, torch.Tensor] = {}
+    for i in np.flatnonzero(total > 0):
+        rows = tokens[int(start[i]) : int(start[i + 1])]
+        if len(rows):
+            # compiled, every group size would be a graph of its own, past Dynamo's recompile limit: the
+            # group batches share one graph with a dynamic batch dimension instead
+            tok = lm_token_losses(model, rows, dynamic_batch=True)
+            share = tok.float().mean(dim=1).sum() / float(total[i])
+            g = _flat_grad(share, params)
+        else:
+            g = torch.zeros(sum(p.numel() for p in params), device=tokens.device)
+        out[int(i)] = world.all_reduce_sum(g)
+    return out
+
+
+def _weighted_sum(grads: dict[int, torch.Tensor], weights: np.ndarray) -> torch.Tensor:
+    """sum_i weights[i] * grads[i], formed in the first group's buffer (no further model-sized set)."""
+    (first, acc), *rest = grads.items()
+    acc.mul_(float(weights[first]))
+    for i, g in rest:
+        acc.add_(g, alpha=float(weights[i]))
+    return acc
+
+
+class _WithGradient(torch.autograd.Function):
+    """A scalar with the value `value` whose gradient w.r.t. `params` is `flat` (split per parameter).
+
+    The gradient reaches the parameters through the backward Lightning runs on the returned loss, so the
+    precision plugin's loss scale, the 1/k of gradient accumulation, DDP's gradient hooks and the
+    clipping after backward all apply to it as to any loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, flat: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.metas = [(p.shape, p.dtype) for p in params]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (flat,) = ctx.saved_tensors
+        parts = (flat * grad_out).split([s.numel() for s, _ in ctx.metas])
+        return (None, None, *(g.view(s).to(d) for g, (s, d) in zip(parts, ctx.metas)))
 
 
 class DoGE(AveragedWeightsMethod):
@@ -67,13 +116,14 @@ class DoGE(AveragedWeightsMethod):
     are clipped to global norm <= 1 (as the official code). score_i = lr * <g_i, g_val> /
     (mean_j ||g_j|| + 1e-6), clipped to [0, lr * score_clip] (the mean runs over all m groups, absent
     ones counting 0, as the official code); log a += score / mu; a = softmax (no smoothing). The
-    returned loss is sum_i a_i * l_i / max(1, ||g_i||) with detached scale factors, so its backward
-    is exactly sum_i a_i clip(g_i) (norm <= 1, so the trainer's clip at 1.0 is a no-op).
+    returned loss has the value sum_i a_i * l_i / max(1, ||g_i||) and the gradient sum_i a_i clip(g_i)
+    (norm <= 1, so the trainer's clip at 1.0 is a no-op), formed from the g_i already computed.
 
-    Memory: only g_val and one g_i are alive at a time (two model-sized gradient buffers whatever m
-    is); the official code kept an (m+1) x P float32 matrix on the host (5 GB at m=7).
-    Cost: one val forward/backward, m backward passes through the retained train graph and the final
-    backward of the returned loss. With gradient accumulation every micro-batch updates a.
+    Cost: the module's forward (for its logs; never backpropagated), one val forward/backward and one
+    forward/backward per present group on that group's rows only, so the train rows are differentiated
+    once in all. With gradient accumulation every micro-batch updates a.
+    Memory: g_val and one flat gradient per present group (m + 1 model-sized fp32 sets at the peak; the
+    official code kept an (m+1) x P float32 matrix on the host); the loss holds their weighted sum.
 
     Uses of the step context: `step.model` (parameters with requires_grad), `step.device`, `step.lr`
     and `step.val_sequences()`.
@@ -122,8 +172,10 @@ class DoGE(AveragedWeightsMethod):
         else:  # uniform over groups, then over that group's sequences
             g = self.rng.integers(0, len(sizes), size=self.val_batch_size)
             i = self.rng.integers(0, sizes[g])
-        rows = np.stack([self._val[gg][ii] for gg, ii in zip(g, i)]).astype(np.int64)
-        return torch.from_numpy(rows).to(step.device)
+        rows = torch.from_numpy(np.stack([self._val[gg][ii] for gg, ii in zip(g, i)]).astype(np.int64))
+        if step.device.type == "cuda":  # pinned, so the copy below does not wait for the GPU
+            rows = rows.pin_memory()
+        return rows.to(step.device, non_blocking=True)
 
     # -- the step -------------------------------------------------------------------------------
     def training_loss(self, batch: Batch, seq_loss: torch.Tensor, step: StepContext) -> torch.Tensor:
@@ -132,49 +184,48 @@ class DoGE(AveragedWeightsMethod):
         if not params:
             raise ValueError("DoGE needs trainable parameters in the model")
 
-        def grads_of(loss: torch.Tensor, retain: bool) -> tuple[torch.Tensor, ...]:
-            gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-            return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(gs, params))
-
         # (1) validation gradient; its graph is separate from the train graph and freed right away.
-        val_loss = lm_token_losses(step.model, self._val_batch(step)).float().mean()
-        g_val = grads_of(val_loss, retain=False)
-        val_coef = _clip_coef(_grad_norm(g_val))
+        g_val = _flat_grad(lm_token_losses(step.model, self._val_batch(step)).float().mean(), params)
+        val_coef = _clip_coef(torch.linalg.vector_norm(g_val))
 
-        # (2) one group gradient at a time (buffer 2), dotted with g_val and dropped.
-        gids = batch.group_ids.to(seq_loss.device)
-        counts = world.all_reduce_sum(torch.bincount(gids, minlength=m))  # DDP: the global batch's
-        present = counts.cpu().numpy() > 0
-        group_losses: dict[int, torch.Tensor] = {}
-        dots = torch.zeros(m, device=seq_loss.device)
-        norms = torch.zeros(m, device=seq_loss.device)  # clipped norms; absent groups stay 0
-        coefs = torch.ones(m, device=seq_loss.device)
-        for i in np.flatnonzero(present):
-            loss_i, g_i = _group_loss_and_grad(seq_loss, gids == int(i), counts[i], grads_of, params)
-            norm_i = _grad_norm(g_i)
-            coefs[i] = _clip_coef(norm_i)
-            norms[i] = norm_i * coefs[i]
-            dots[i] = _dot(g_i, g_val) * coefs[i] * val_coef
-            group_losses[int(i)] = loss_i
-            del g_i
+        # (2) group gradients (DDP: of the global batch's group means), each dotted with g_val.
+        local, total = _rows_per_group(batch, m)
+        grads = _group_gradients(step.model, batch, local, total, params)
+        stats = []
+        for g in grads.values():
+            norm = torch.linalg.vector_norm(g)
+            coef = _clip_coef(norm)
+            stats.append(torch.stack([torch.dot(g, g_val) * coef * val_coef, norm * coef, coef]))
         del g_val
 
-        # (3) scores and the EGD step on log alpha (one host sync).
-        lr = float(step.lr)
-        dots_np, norms_np = dots.detach().double().cpu().numpy(), norms.detach().double().cpu().numpy()
-        self.scores = np.clip(lr * dots_np / (norms_np.mean() + 1e-6), 0.0, lr * self.score_clip)
+        # (3) scores and the EGD step on log alpha (one host read of the stats).
+        dots, norms, coefs = np.zeros(m), np.zeros(m), np.ones(m)  # absent groups: dot and norm 0
+        dots[list(grads)], norms[list(grads)], coefs[list(grads)] = (
+            torch.stack(stats).double().cpu().numpy().T
+        )
+        self._update_weights(dots, norms, float(step.lr), seq_loss.device)
+
+        # (4) the loss: value sum_i w_i l_i (what the module logs), gradient sum_i w_i g_i, where
+        # w_i = alpha_i * clip factor of g_i. Under DDP each rank's value is its share of that (times the
+        # world size, as DDP averages gradients) and every rank carries the same, already summed gradient.
+        weights = self.alpha * coefs
+        sums = torch.zeros(m, dtype=seq_loss.dtype, device=seq_loss.device)
+        sums.index_add_(0, batch.group_ids, seq_loss.detach())
+        scale = weights * world.size() / np.maximum(total, 1)
+        value = torch.stack([float(scale[i]) * sums[i] for i in grads]).sum()
+        return _WithGradient.apply(value, _weighted_sum(grads, weights), *params)
+
+    def _update_weights(self, dots: np.ndarray, norms: np.ndarray, lr: float, device: torch.device) -> None:
+        """Scores from the clipped dots and norms, then one EGD step on log alpha (float64 on the host)."""
+        self.scores = np.clip(lr * dots / (norms.mean() + 1e-6), 0.0, lr * self.score_clip)
         # DDP: every rank computed the same scores (its g_val is from the same val batch); rank 0's are
         # used, so that a non-deterministic GPU kernel cannot make the weights drift apart
-        self.scores = world.broadcast_array(self.scores, seq_loss.device)
+        self.scores = world.broadcast_array(self.scores, device)
         # kept in log space (log-softmax) so a weight driven towards 0 cannot underflow and stick there
         log_a = self.log_alpha + self.scores / self.mu
         top = log_a.max()
         self.log_alpha = log_a - (top + np.log(np.exp(log_a - top).sum()))
         self._record(np.exp(self.log_alpha))
-
-        # (4) a loss whose gradient is sum_i alpha_i clip(g_i): detached clip factors per group.
-        weights = torch.as_tensor(self.alpha, dtype=seq_loss.dtype, device=seq_loss.device) * coefs.detach()
-        return torch.stack([weights[i] * loss_i for i, loss_i in group_losses.items()]).sum()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
