@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -689,3 +690,175 @@ def test_two_sweeps_share_cache_and_results_without_corruption(tmp_path):
 
     (root,) = [p for p in cache.iterdir() if p.is_dir()]
     load_packed(root, verify_checksums=True)  # every file matches its manifest checksum
+
+
+# -- checkpoints written in the background (BackgroundCheckpointIO) -----------------------------------------
+def _held_writes(monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> list[str]:
+    """Make every background write of last.ckpt wait for `release` (a deliberately slow disk)."""
+    from aioli_repro.training import checkpointing
+
+    write, held = checkpointing.atomic_write, []
+
+    def slow(path, fn):
+        if Path(path).name == "last.ckpt":
+            held.append(threading.current_thread().name)
+            assert release.wait(timeout=300), "the release event was never set"
+        write(path, fn)
+
+    monkeypatch.setattr(checkpointing, "atomic_write", slow)
+    return held
+
+
+def test_background_checkpoint_is_a_snapshot_and_reports_a_failed_write(tmp_path, monkeypatch):
+    from aioli_repro.training.checkpointing import BackgroundCheckpointIO, CheckpointWriteError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    history = [1.0]  # callback states hand out live lists
+    ckpt = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "history": history}
+    AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "sync.ckpt")
+    release = threading.Event()
+    _held_writes(monkeypatch, release)
+    io, last = BackgroundCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(ckpt, last)  # returns while the write waits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on: weights and AdamW moments change in place
+    opt.step()
+    history.append(2.0)
+    release.set()
+    io.wait()
+    sync, saved = (torch.load(p, weights_only=False) for p in (tmp_path / "sync.ckpt", last))
+    assert saved["history"] == [1.0] and saved["state_dict"]._metadata == sync["state_dict"]._metadata
+    for k, v in sync["state_dict"].items():
+        assert torch.equal(saved["state_dict"][k], v) and not torch.equal(v, model.state_dict()[k])
+    for i, s in sync["optimizer_states"][0]["state"].items():
+        assert all(torch.equal(saved["optimizer_states"][0]["state"][i][k], v) for k, v in s.items())
+    # a write that fails in the background is raised at the next save (or wait, or Lightning's teardown)
+    good = last.read_bytes()
+    io.save_checkpoint({"bad": lambda: 0}, last)  # the snapshot works; pickling it fails
+    with pytest.raises(CheckpointWriteError, match=r"writing .*last\.ckpt in the background failed"):
+        io.save_checkpoint(ckpt, last)
+    assert last.read_bytes() == good and not list(tmp_path.glob("*.tmp-*"))
+    io.save_checkpoint(ckpt, last)  # reported once; the next save works
+    io.teardown()
+    assert torch.load(last, weights_only=False)["history"] == [1.0, 2.0]
+
+
+class _StateAt(L.Callback):
+    """Copies of the weights and AdamW moments at the end of the given steps; sets `done` after `done_at`."""
+
+    def __init__(self, steps: tuple[int, ...], done_at: int, done: threading.Event) -> None:
+        self.steps, self.done_at, self.done, self.states = steps, done_at, done, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step in self.steps:
+            opt = trainer.optimizers[0].state_dict()["state"]
+            moments = [s["exp_avg"].clone() for s in opt.values()]
+            self.states[step] = ({k: v.clone() for k, v in pl_module.state_dict().items()}, moments)
+        if step == self.done_at:
+            self.done.set()
+
+
+def test_checkpoint_snapshot_is_taken_at_the_step_of_the_save(cache_dir, tmp_path, monkeypatch):
+    # the write of step 4 is held until step 6 has trained: the file still holds step 4's state
+    release = threading.Event()
+    held = _held_writes(monkeypatch, release)
+    probe = _StateAt((4, 6), done_at=6, done=release)
+    cfg = compose_cfg(cache_dir, "train.max_steps=6", "train.checkpoint_every=4", "train.val_every=0")
+    run_training(cfg, tmp_path, callbacks=[probe])
+    assert held == ["checkpoint-writer"]  # written off the training thread, while steps 5-6 trained
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    (w4, m4), (w6, _) = probe.states[4], probe.states[6]
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in w4.items())
+    assert not all(torch.equal(w4[k], w6[k]) for k in w4)  # training did change them meanwhile
+    saved = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(saved, m4, strict=True))
+
+
+def test_checkpoint_writes_per_run_and_none_twice_at_max_steps(cache_dir, tmp_path, monkeypatch):
+    # 12 steps, checkpoint_every=4: last.ckpt at 4, 8 and 12 (once, although 12 is also max_steps), then
+    # the weights-only final.ckpt that later stages load; all on the writer thread
+    writes: list[tuple[str, int, bool, str]] = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def counted(self, checkpoint, path, storage_options=None):
+        name = threading.current_thread().name
+        writes.append((Path(path).name, checkpoint["global_step"], "optimizer_states" in checkpoint, name))
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", counted)
+    cfg = compose_cfg(cache_dir, "train.max_steps=12", "train.checkpoint_every=4", "train.val_every=0")
+    run_training(cfg, tmp_path)
+    assert [w[:3] for w in writes] == [
+        ("last.ckpt", 4, True),
+        ("last.ckpt", 8, True),
+        ("last.ckpt", 12, True),
+        ("final.ckpt", 12, False),
+    ]
+    assert {w[3] for w in writes} == {"checkpoint-writer"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["final.ckpt", "last.ckpt"]
+
+
+ASYNC_KILL_WRAPPER = """
+import os, runpy, signal, sys, threading, time
+import lightning as L
+import torch
+
+SLOW_AT, KILL_AT = int(os.environ["SLOW_AT"]), int(os.environ["KILL_AT"])
+in_flight = threading.Event()
+_save = torch.save
+
+
+def _slow_save(obj, f, *a, **k):
+    _save(obj, f, *a, **k)
+    if threading.current_thread().name == "checkpoint-writer" and obj.get("global_step") == SLOW_AT:
+        f.flush()
+        in_flight.set()
+        time.sleep(600)  # a slow disk: written, not yet fsync'd nor renamed
+
+
+class _Kill(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == KILL_AT:
+            assert in_flight.wait(timeout=300)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _patched(self, *a, callbacks=None, **k):
+    _init(self, *a, callbacks=[*(callbacks or []), _Kill()], **k)
+
+
+torch.save = _slow_save
+_init = L.Trainer.__init__
+L.Trainer.__init__ = _patched
+mod = sys.argv[1]
+sys.argv = [mod, *sys.argv[2:]]
+runpy.run_module(mod, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigkill_during_a_background_write_resumes_bitwise(cache_dir, tmp_path, stratified_baseline):
+    # last.ckpt of step 8 is being written when SIGKILL lands (in step 11): the same command again finds
+    # step 4's complete last.ckpt and the torn temporary file, removes the latter and resumes from step 4
+    ref, ref_dir = stratified_baseline
+    wrapper = tmp_path / "async_kill_wrapper.py"
+    wrapper.write_text(ASYNC_KILL_WRAPPER)
+    run_dir = tmp_path / "run"
+    args = [*BASE, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *STRATIFIED]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLOW_AT": "8", "KILL_AT": "10"}
+    r = _train_cli(args, ROOT, env=env, wrapper=wrapper)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert ckpt_step(ckpts / "last.ckpt") == 4 and list(ckpts.glob("last.ckpt.tmp-*"))
+    r = _train_cli(args, ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["resumed_from"] == str(ckpts / "last.ckpt")
+    assert_same_results(ref, s)
+    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    assert not list(ckpts.glob("*.tmp-*"))

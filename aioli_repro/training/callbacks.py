@@ -32,6 +32,7 @@ from tqdm import tqdm
 from aioli_repro import world
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import MixingContext, MixingMethod
+from aioli_repro.training.checkpointing import wait_for_checkpoint
 
 # Checkpointed callback state. 1: trajectory entries (step, p); 2: (step, p, probe) and the method's
 # evaluation time and count (carried across a resume).
@@ -406,6 +407,7 @@ class StepBoundaryCheckpoint(L.Callback):
             return  # nothing asked, or the last step: the run finishes normally
         if self.path is not None and self.saved_step != step:
             trainer.save_checkpoint(self.path, weights_only=False)
+            wait_for_checkpoint(trainer)  # the run stops here: the file is complete before it says so
             self.saved_step = step
         saved = self.path if self.saved_step == step else None
         if self.requeue_requested and not term:

@@ -33,7 +33,11 @@ from aioli_repro.training.callbacks import (
     RunProgressBar,
     StepBoundaryCheckpoint,
 )
-from aioli_repro.training.checkpointing import AtomicCheckpointIO, check_checkpoint_readable
+from aioli_repro.training.checkpointing import (
+    BackgroundCheckpointIO,
+    check_checkpoint_readable,
+    wait_for_checkpoint,
+)
 from aioli_repro.training.device_settings import apply_process_settings
 from aioli_repro.training.identity import run_identity
 from aioli_repro.training.loggers import JsonlLogger, make_wandb_logger
@@ -109,11 +113,14 @@ def _run_training(
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True).encode()
         atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
     _fit(run.trainer, run.module, run.dm, resumed_from, last, resume_hint)
-    # the final weights, for later stages (DoReMi's reference model)
+    # the final weights, for later stages (DoReMi's reference model), written during the evaluation
     run.trainer.save_checkpoint(last.parent / "final.ckpt", weights_only=True)
-    summary = summarise(
-        cfg, checked, run.trainer, run.module, run.mixing, run.dm, run.packed, resumed_from, run_dir
-    ).to_json()
+    try:
+        summary = summarise(
+            cfg, checked, run.trainer, run.module, run.mixing, run.dm, run.packed, resumed_from, run_dir
+        ).to_json()
+    finally:
+        wait_for_checkpoint(run.trainer, release=True)  # summary.json says final.ckpt is complete
     if zero:
         log_summary(run.loggers, summary)
         atomic_write_json(run_dir / "summary.json", summary)  # last: its presence marks the run finished
@@ -202,7 +209,7 @@ def _trainer(
         limit_val_batches=0,
         deterministic=bool(cfg.trainer.get("deterministic", False)),
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO(), *checked.plugins],
+        plugins=[BackgroundCheckpointIO(), *checked.plugins],
     )
 
 
@@ -272,7 +279,10 @@ def _fit(
     """trainer.fit, with a signal or a non-finite loss turned into the message the user needs."""
     module.clock.fit_start = time.time()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=resumed_from)
+        finally:  # (Lightning's teardown waits too) the messages below say last.ckpt is complete
+            wait_for_checkpoint(trainer)
     except SIGTERMException:
         raise _interrupted(signal.SIGTERM, trainer, last, resume_hint) from None
     except RunInterrupted as e:  # the requeue signal (or SIGTERM under DDP): saved at the step boundary
