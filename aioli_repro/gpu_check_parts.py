@@ -12,8 +12,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -107,22 +108,31 @@ def _bench(profile: Profile, compiled: bool, out: PartOutput) -> None:
 
 
 class CheckpointTimer(L.Callback):
-    """Wall time and count of every checkpoint write (periodic, last and final), on the training thread."""
+    """Time the training thread spends on checkpoints: taking each snapshot (save_checkpoint) and
+    waiting for a background write (before the next save, at teardown, before the summary)."""
 
     def __init__(self) -> None:
-        self.seconds, self.saves = 0.0, 0
+        self.seconds, self.saves, self._inside = 0.0, 0, False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         io = trainer.strategy.checkpoint_io
-        save = io.save_checkpoint
+        io.save_checkpoint = self._timed(io.save_checkpoint, count=True)
+        if hasattr(io, "wait"):  # BackgroundCheckpointIO
+            io.wait = self._timed(io.wait, count=False)
 
-        def timed(*args: object, **kwargs: object) -> None:
-            t0 = time.perf_counter()
-            save(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
-            self.saves += 1
+    def _timed(self, fn: Callable[..., Any], count: bool) -> Callable[..., Any]:
+        def timed(*args: object, **kwargs: object) -> Any:
+            if self._inside:  # a save's own wait for the write before it: timed by the save
+                return fn(*args, **kwargs)
+            t0, self._inside = time.perf_counter(), True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._inside = False
+                self.seconds += time.perf_counter() - t0
+                self.saves += count
 
-        io.save_checkpoint = timed
+        return timed
 
 
 def _run(profile: Profile, method: str, runs: Path, out: PartOutput) -> None:
