@@ -45,6 +45,15 @@ from aioli_repro.training.clipping import clip_gradients_
 from aioli_repro.training.device_settings import apply_process_settings, resolve_device_settings
 from aioli_repro.training.module import MixingLM, OptimConfig, lr_at, param_groups
 
+# a Trainer that only trains: no logger, checkpoints, progress bar, summary or validation loop
+QUIET_TRAINER = dict(
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    limit_val_batches=0,
+    num_sanity_val_steps=0,
+)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 6000 Ada": 364e12}
 
 
@@ -105,16 +114,11 @@ def bench_lightning(cfg: DictConfig, packed: object, steps: int, device: torch.d
         max_steps=steps,
         accelerator=device.type,
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         precision=settings.precision,
         callbacks=[MixingCallback(Stratified()), timer],
         log_every_n_steps=cfg.train.log_every,
         gradient_clip_val=float(cfg.train.grad_clip),
+        **QUIET_TRAINER,
     )
     trainer.fit(module, datamodule=_make_dm(cfg, packed))
     return timer.times

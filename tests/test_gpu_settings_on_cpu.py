@@ -38,14 +38,6 @@ SHORT = [
     "train.warmup_steps=2",
     "train.log_every=2",
 ]
-QUIET = dict(
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    limit_val_batches=0,
-    num_sanity_val_steps=0,
-)
 CLIP = 0.05  # far below the tiny model's gradient norm (~1-3), so every step is clipped
 
 
@@ -152,7 +144,7 @@ def test_16_mixed_with_a_grad_scaler_unscales_before_clipping(make_cfg, tmp_path
     unfused run, where Lightning unscales itself. The clip value (100) lies between the true gradient
     norm (~1-3) and the scaled one (x 1024): clipping before unscaling would cut the step to 100 / 1024
     of its size, unscaling twice would shrink it 1024-fold; both runs must see the true gradients."""
-    from aioli_repro.bench import _make_dm  # the bench's DataModule, on the cached tiny data
+    from aioli_repro.bench import QUIET_TRAINER, _make_dm  # the bench's Trainer options and DataModule
     from aioli_repro.mixing.static import Stratified
     from aioli_repro.training.callbacks import MixingCallback
     from aioli_repro.training.module import MixingLM, OptimConfig
@@ -174,7 +166,7 @@ def test_16_mixed_with_a_grad_scaler_unscales_before_clipping(make_cfg, tmp_path
             gradient_clip_val=100.0,
             plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
             callbacks=[MixingCallback(Stratified()), probe],
-            **QUIET,
+            **QUIET_TRAINER,
         )
         trainer.fit(module, datamodule=_make_dm(cfg, packed))
         assert probe.fused is fused and scaler.get_scale() == 2.0**10  # no overflow: both steps taken
