@@ -84,6 +84,7 @@ class DoReMi(AveragedWeightsMethod):
         # always used under gradient accumulation, where the step's excess is known only at its end).
         self.weight_with = weight_with
         self.reference_model: torch.nn.Module | None = None
+        self._ref_compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (reference, what runs)
 
     def setup(self, ctx: MixingContext) -> None:
         super().setup(ctx)
@@ -113,12 +114,18 @@ class DoReMi(AveragedWeightsMethod):
             ref.load_state_dict(load_decoder_state(self.reference_checkpoint))
             self.reference_model = ref
         ref = self.reference_model
-        # Same dtype as the proxy's parameters; mixed precision comes from the surrounding autocast.
         proxy_param = next(step.model.parameters())
-        ref.to(device=step.device, dtype=proxy_param.dtype)
-        ref.eval()
-        ref.requires_grad_(False)
-        return ref
+        ready = self._ref_compiled
+        if ready is None or ready[0] is not ref or next(ref.parameters()).device != proxy_param.device:
+            # once: same device and dtype as the proxy's parameters (mixed precision comes from the
+            # surrounding autocast), frozen, and compiled when the proxy is (train.compile): its no-grad
+            # forward is a third of a step
+            ref.to(device=step.device, dtype=proxy_param.dtype)
+            ref.eval()
+            ref.requires_grad_(False)
+            compiled = isinstance(step.model, torch._dynamo.eval_frame.OptimizedModule)
+            self._ref_compiled = (ref, torch.compile(ref, dynamic=False) if compiled else ref)
+        return self._ref_compiled[1]
 
     # -- the step -------------------------------------------------------------------------------
     def proportions(self) -> np.ndarray:
