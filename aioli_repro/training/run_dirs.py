@@ -98,7 +98,8 @@ def remove_if_unused(
     run_dir: Path, parent_too: bool = False, unused: frozenset[str] = UNUSED_RUN_FILES
 ) -> None:
     """Remove a run directory that holds nothing the run wrote (only names in `unused`: Hydra's
-    `.hydra`, the lock file), and with `parent_too` its parent (a date folder) if that is then empty."""
+    `.hydra`, the lock file), and with `parent_too` its parent (a date folder) and the layout's root
+    (`outputs/`) if they are then empty."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or any(p.name not in unused for p in run_dir.iterdir()):
         return
@@ -108,3 +109,4 @@ def remove_if_unused(
         run_dir.rmdir()
         if parent_too:
             run_dir.parent.rmdir()
+            run_dir.parent.parent.rmdir()
