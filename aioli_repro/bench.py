@@ -39,7 +39,7 @@ from aioli_repro.data.datamodule import MixtureDataModule
 from aioli_repro.fileio import atomic_write_json
 from aioli_repro.mixing.static import Stratified
 from aioli_repro.model import build_model, lm_token_losses
-from aioli_repro.timed_parts import CUT, FAILED, OK, Part, PartOutput, PartResult, PartSpec, Report, run_parts
+from aioli_repro.timed_parts import CUT, FAILED, OK, Part, PartOutput, PartResult, PartSpec, run_parts
 from aioli_repro.training.callbacks import MixingCallback
 from aioli_repro.training.clipping import clip_gradients_
 from aioli_repro.training.device_settings import apply_process_settings, resolve_device_settings
@@ -298,17 +298,16 @@ def _base_overrides(args: argparse.Namespace) -> list[str]:
     return base + (["train.compile=true"] if args.compile else [])
 
 
-def _passthrough(argv: list[str]) -> list[str]:
+def _passthrough(args: argparse.Namespace) -> list[str]:
     """The user's options, which every part's process gets too (the report's own are left out)."""
-    args = _parser().parse_args(argv)
     keep = ["--scale", args.scale, "--steps", str(args.steps), "--method-steps", str(args.method_steps)]
     keep += ["--pairs", str(args.pairs)] + (["--model", args.model] if args.model else [])
     return keep + (["--data", args.data] if args.data else []) + (["--compile"] if args.compile else [])
 
 
-def _parts(args: argparse.Namespace, argv: list[str], work: Path) -> list[PartSpec]:
+def _parts(args: argparse.Namespace, work: Path) -> list[PartSpec]:
     """step (Lightning vs plain, memory, MFU), hf, sampler, then stratified and each method."""
-    common, lim = [*_passthrough(argv), "--work-dir", str(work)], args.part_limit_s
+    common, lim = [*_passthrough(args), "--work-dir", str(work)], args.part_limit_s
     parts: list[PartSpec] = [Part(n, lim, common) for n in ("step", "hf", "sampler")]
     methods = [m for m in args.methods.split(",") if m and m != "skillit"]  # Skill-It needs a graph run
     if methods:
@@ -327,7 +326,6 @@ def _ok(done: dict[str, PartResult], name: str) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     """Every benchmark of the module docstring on this machine, each part in its own process with its
     own time limit; --out is rewritten after every part (cut parts listed), --md gets a row at the end."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.part:
         _child(args)
@@ -335,15 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": _device_name(_device()), "parts": {}, "cut": [], "failed": []}
-    with tempfile.TemporaryDirectory(dir=out.parent) as work:
-        report = Report(Path(work) / "parts.json", None, {}, "bench")  # the parts' files live here
 
-        def record(r: PartResult, result: dict = result) -> str:
-            _merge(result, r)
-            atomic_write_json(out, result)
-            return ""
+    def record(r: PartResult) -> None:
+        _merge(result, r)
+        atomic_write_json(out, result)
 
-        run_parts("aioli_repro.bench", _parts(args, argv, Path(work)), report, record)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:  # the parts' files and runs
+        run_parts("aioli_repro.bench", _parts(args, Path(work)), Path(work), record)
     if args.md:
         _append_markdown(Path(args.md), result)
     print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
@@ -398,7 +394,7 @@ def _child(args: argparse.Namespace) -> None:
         t, name = cfg.train, _device_name(device)
         print(f"[bench] device: {name}; model {cfg.model}; batch {t.batch_size} x {t.context_length}")
         step_throughput(cfg, packed, args.steps, args.pairs, device, out)
-        out.put(**memory_and_mfu(cfg, out.figures["tokens_per_s"], device, _device_name(device)))
+        out.put(**memory_and_mfu(cfg, out.figures["tokens_per_s"], device, name))
     elif args.part == "hf":
         out.put(ours_vs_hf=bench_hf(cfg, max(6, args.steps // 5), device))
     elif args.part == "sampler":

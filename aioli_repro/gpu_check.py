@@ -131,7 +131,8 @@ def _check(args: argparse.Namespace, profile: Profile) -> int:
     report = Report(out_dir / "report.json", out_dir / "report.md", header, "GPU node check")
     common = ["--out-dir", str(out_dir)] + (["--cpu-rehearsal"] if args.cpu_rehearsal else [])
     skip = {s for s in args.skip.split(",") if s}
-    results = run_parts("aioli_repro.gpu_check", _parts(profile, common, skip), report, _describe)
+    parts = _parts(profile, common, skip)
+    results = run_parts("aioli_repro.gpu_check", parts, out_dir, lambda r: report.record(r, _describe(r)))
     lines, passed = verdict(results, timing_applies=not args.cpu_rehearsal)
     report.data["verdict"] = {"passed": passed, "lines": lines}
     report.record(PartResult("verdict", OK if passed else FAILED, 0.0, 0.0, {"passed": passed}))

@@ -24,7 +24,7 @@ from typing import Any
 
 from aioli_repro.fileio import atomic_write_json
 
-OK, CUT, FAILED, SKIPPED = "ok", "cut", "failed", "skipped"
+OK, CUT, FAILED = "ok", "cut", "failed"
 
 
 @dataclass
@@ -34,7 +34,6 @@ class Part:
     name: str
     limit_s: float
     argv: list[str] = field(default_factory=list)
-    title: str = ""
 
 
 class PartOutput:
@@ -73,7 +72,7 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_part(module: str, part: Part, out_dir: Path, env: dict | None = None) -> PartResult:
+def run_part(module: str, part: Part, out_dir: Path) -> PartResult:
     """Run one part in a new process group; kill the group when it runs past its limit."""
     out = out_dir / f"part-{part.name.replace(':', '-')}.json"
     out.unlink(missing_ok=True)
@@ -86,7 +85,6 @@ def run_part(module: str, part: Part, out_dir: Path, env: dict | None = None) ->
             stdout=log_f,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
         )
         try:
             rc = proc.wait(timeout=part.limit_s)
@@ -142,16 +140,16 @@ PartSpec = Part | Callable[[dict[str, PartResult]], Part | None]
 def run_parts(
     module: str,
     parts: list[PartSpec],
-    report: Report,
-    describe: Callable[[PartResult], str] = lambda r: "",
+    out_dir: Path,
+    record: Callable[[PartResult], None],
     progress: bool = True,
 ) -> dict[str, PartResult]:
-    """Every part in order, each recorded as soon as it ends; returns the results by name.
+    """Every part in order, its files in `out_dir`, each passed to `record` as soon as it ends (which
+    saves it: a `Report`, or the bench's flat JSON); returns the results by name.
 
     A part may be a function of the results so far (a later part needs an earlier one's figures or
     files); it returns None to leave itself out."""
     results: dict[str, PartResult] = {}
-    out_dir = report.json_path.parent
     for i, spec in enumerate(parts, 1):
         part = spec(results) if callable(spec) else spec
         if part is None:
@@ -160,7 +158,7 @@ def run_parts(
             print(f"[{module}] part {i}/{len(parts)}: {part.name} (limit {part.limit_s:.0f} s)", flush=True)
         result = run_part(module, part, out_dir)
         results[part.name] = result
-        report.record(result, describe(result))
+        record(result)
         if progress:
             print(f"[{module}]   {part.name}: {result.status} in {result.seconds:.0f} s", flush=True)
     return results

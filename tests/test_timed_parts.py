@@ -64,7 +64,8 @@ def test_the_report_is_written_after_every_part(child_module: str, tmp_path: Pat
         return Part("b", 60, ["--mode", "crash"]) if done["a"].figures["first"] == 1.5 else None
 
     report = Report(tmp_path / "r.json", tmp_path / "r.md", {"device": "test"}, "Check")
-    results = run_parts(child_module, [Part("a", 60, ["--mode", "ok"]), later, lambda d: None], report)
+    parts = [Part("a", 60, ["--mode", "ok"]), later, lambda d: None]
+    results = run_parts(child_module, parts, tmp_path, lambda r: report.record(r))
     assert list(results) == ["a", "b"] and seen == ["ok"]  # a was on disk before b started
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["device"] == "test" and saved["parts"]["b"]["status"] == "failed"
