@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"device": _device_name(_device()), "parts": {}, "cut": [], "failed": []}
+    result: dict = {"device": _device_name(default_device()), "parts": {}, "cut": [], "failed": []}
 
     def record(r: PartResult) -> None:
         _merge(result, r)
@@ -375,7 +375,8 @@ def _merge(result: dict, r: PartResult) -> None:
     result.setdefault("sampler_vs_step", None)
 
 
-def _device() -> torch.device:
+def default_device() -> torch.device:
+    """The device a run trains on here: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -383,7 +384,7 @@ def _child(args: argparse.Namespace) -> None:
     """One part, in its own process: its figures go to --part-out as each is measured."""
     from aioli_repro.training.preflight import build_data
 
-    out, device = PartOutput(args.part_out), _device()
+    out, device = PartOutput(args.part_out), default_device()
     if device.type != "cuda":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     base = _base_overrides(args)

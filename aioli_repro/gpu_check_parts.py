@@ -44,10 +44,6 @@ def run_child_part(name: str, profile: Profile, out_dir: Path, out: PartOutput, 
         raise SystemExit(f"gpu_check: unknown part {name!r}")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _peak_memory_gib() -> float:
     """Peak GPU memory allocated by torch (CUDA), else the process's peak resident memory."""
     if torch.cuda.is_available():
@@ -99,7 +95,7 @@ def _bench(profile: Profile, compiled: bool, out: PartOutput) -> None:
     cfg = compose_train([*profile.scale, *QUIET, *(["train.compile=true"] if compiled else [])])
     apply_process_settings(resolve_device_settings(cfg))
     _, packed = build_data(cfg)
-    device = _device()
+    device = bench.default_device()
     bench.step_throughput(cfg, packed, profile.bench_steps, 1, device, out)
     name = bench._device_name(device)
     out.put(**bench.memory_and_mfu(cfg, out.figures["tokens_per_s"], device, name))
