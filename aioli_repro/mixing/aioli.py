@@ -379,6 +379,7 @@ class Aioli(MixingMethod):
                 "A_ema": A_bar.tolist(),
                 "beta": beta.tolist(),
                 "beta_se": beta_se.tolist(),
+                "G": self._G.tolist(),  # per sweep: the oracle check (results/oracle.py) splits them
                 "P": P.tolist(),
                 "p": self._p.tolist(),
             }
@@ -394,7 +395,8 @@ class Aioli(MixingMethod):
         return out or {}
 
     def history(self) -> list[dict]:
-        """One dict per round update: step, round, A (used, normalised), A_raw, A_ema, beta, beta_se, P, p."""
+        """One dict per round update: step, round, A (used, normalised), A_raw, A_ema, beta, beta_se, G (the
+        loss drops of each of the k sweeps, whose mean is beta), P, p."""
         return copy.deepcopy(self._history)
 
     def lmo_matrix(self) -> np.ndarray | None:

@@ -25,14 +25,18 @@ EXPERIMENTS = {
     "table2": ("table2", "table2_m7"),
     "table3": ("table3", "table3_m7"),
     "headroom": ("headroom", "headroom_m7"),
+    "sensitivity": ("sensitivity",),
 }  # fmt: skip
 
-ENTRYPOINT = {"table2": "aioli_repro.run", "table3": "aioli_repro.restricted", "headroom": "aioli_repro.run"}
+ENTRYPOINT = {
+    "table2": "aioli_repro.run", "table3": "aioli_repro.restricted", "headroom": "aioli_repro.run",
+    "sensitivity": "aioli_repro.run",
+}  # fmt: skip
 
 SLURM_BY_EXPERIMENT = {
     "table2": "slurm_rtx6000ada", "table2_m7": "slurm_a100",
     "table3": "slurm_rtx6000ada", "table3_m7": "slurm_a100",
-    "headroom": "slurm_rtx6000ada", "headroom_m7": "slurm_a100",
+    "headroom": "slurm_rtx6000ada", "headroom_m7": "slurm_a100", "sensitivity": "slurm_rtx6000ada",
 }  # fmt: skip
 
 LAUNCHERS = ("inprocess", "local", "local_parallel", "slurm", "slurm_rtx6000ada", "slurm_a100")
@@ -49,7 +53,7 @@ CORE_METHODS = ("stratified", "aioli", "aioli_mult", "aioli_null")
 # Scales not listed (paper) take the experiment configs' seeds (5 for m = 2, 3 and 3 for m = 7) for every row.
 DEFAULT_SEEDS = {
     "table_smoke": {"table2": (1, 1, 1), "table3": (1, 1, 1), "headroom": (1, 1, 1)},
-    "miniature": {"table2": (5, 5, 3), "table3": (3, 3, 3), "headroom": (3, 3, 3)},
+    "miniature": {"table2": (5, 5, 3), "table3": (3, 3, 3), "headroom": (3, 3, 3), "sensitivity": (5, 5, 5)},
 }
 
 
@@ -280,6 +284,12 @@ def plan(
              "meta": j.meta} for j in jobs]  # fmt: skip
     atomic_write_json(cache, rows, indent=None)
     return jobs
+
+
+def jobs_for(overrides: list[list[str]], results_dir: Path, experiment: str = "ad hoc") -> list[Job]:
+    """Jobs for explicit override lists (one pipeline each, `python -m aioli_repro.run` semantics), with
+    their done flags: the sensitivity study's search points and oracle runs, which no sweep config lists."""
+    return _compose_jobs("table2", experiment, overrides, Path(results_dir).resolve(), None)
 
 
 def _compose_jobs(
