@@ -35,6 +35,10 @@ ORACLE_SETTINGS = ("a_b_se", "cc_gh_w")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aioli_repro.sensitivity", description=__doc__.split("\n")[0])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. hp.aioli.lp_steps=1")
+    p.add_argument(
+        "--arm-methods", default=None, help="comma list: only these arms (default: every arm of the config)"
+    )
     p.add_argument("--scale", default="tiny", help="tiny (the CPU miniature) or a conf/scale name")
     p.add_argument("--results-dir", default="results/runs", help="stage and pipeline outputs")
     p.add_argument("--out-dir", default="results", help="where the tables go")
@@ -42,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
         "--search-settings", default=",".join(REQUIRED),
         help=f"settings to search (default: the required {','.join(REQUIRED)}; 'all': every setting)",
     )  # fmt: skip
+    p.add_argument(
+        "--search-seeds", type=int, default=3, help="seeds of every search point, Skill-It and the oracle (3)"
+    )
+    p.add_argument(
+        "--max-search-iters", type=int, default=None, help="stop each search earlier than its rule (tests)"
+    )
     p.add_argument("--n-jobs", type=int, default=None, help="pipelines at a time (default: one per core)")
     p.add_argument("--no-run", action="store_true", help="only build the tables from finished runs")
     p.add_argument("--dry-run", action="store_true", help="print what is done and pending, then exit")
@@ -54,7 +64,7 @@ def _pending_line(what: str, jobs: list[Job]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")  # W&B's console capture slows CPU steps ~10x
     t0 = time.time()
@@ -64,11 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(search) - set(GRID_BEST))
     if unknown:
         raise SystemExit(f"error: --search-settings: unknown {unknown}; allowed: {', '.join(GRID_BEST)}, all")
-    base = [f"scale={scale_cfg}", f"results_dir={results_dir}"]
+    base = [f"scale={scale_cfg}", f"results_dir={results_dir}", *args.overrides]
     seeds, _, _ = default_seeds(scale_cfg, "sensitivity", None, None)
-    arms = plan("sensitivity", scale_cfg, results_dir, seeds, seeds, None, None, (), None)
-    refs = plan("table2", scale_cfg, results_dir, 3, 3, search, ["stratified", "skillit"], (), 3)
-    oracle, skipped = oracle_jobs(ORACLE_SETTINGS, [0, 1, 2], base, results_dir)
+    only = args.arm_methods.split(",") if args.arm_methods else None
+    arms = plan("sensitivity", scale_cfg, results_dir, seeds, seeds, None, only, args.overrides, None)
+    few = list(range(args.search_seeds))
+    refs = plan(
+        "table2", scale_cfg, results_dir, len(few), len(few), search, ["stratified", "skillit"],
+        args.overrides, len(few),
+    )  # fmt: skip
+    oracle, skipped = oracle_jobs(ORACLE_SETTINGS, few, base, results_dir)
     for what, jobs in (("arms", arms), ("stratified + Skill-It", refs), ("oracle", oracle)):
         print(_pending_line(what, jobs), flush=True)
     for line in skipped:
@@ -80,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the references and the search first: every other table is read against the search's optimum
     if not args.no_run:
         failures += run_inprocess("table2", [j for j in refs if not j.done], results_dir, n_jobs=n_jobs)
-    searches = refine(search, [0, 1, 2], base, results_dir, n_jobs, run=not args.no_run)
+    searches = refine(
+        search, few, base, results_dir, n_jobs, run=not args.no_run, max_iters=args.max_search_iters
+    )
     if not args.no_run:
         for jobs in (oracle, arms):
             failures += run_inprocess("table2", [j for j in jobs if not j.done], results_dir, n_jobs=n_jobs)
@@ -114,7 +131,7 @@ def build(
     labels = {j.setting: j.meta["label"] for j in arms + refs}
 
     def per_seed(method: str) -> dict[str, pd.Series]:
-        d = frame[(frame["method"] == method) & (frame["seed"] <= 2)]
+        d = frame[(frame["method"] == method) & frame["seed"].isin(searches[0].seeds if searches else [])]
         return {s: by_seed(g) for s, g in d.groupby("setting")}
 
     results = [_search_result(x, labels) for x in searches if x.centre_runs.test is not None]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from aioli_repro.mixing.simplex_search import SearchState, canonical, choose, neighbours, rule_for
+from aioli_repro.mixing.simplex_search import SearchRule, SearchState, canonical, choose, neighbours, rule_for
 from aioli_repro.pipeline.launch import run_inprocess
 from aioli_repro.pipeline.sweep import Job, jobs_for
 
@@ -107,13 +107,20 @@ def refine(
     n_jobs: int = 2,
     run: bool = True,
     log: Callable[[str], None] = print,
+    max_iters: int | None = None,
 ) -> list[Search]:
     """Run every setting's search to its stop; `base` holds the scale and results_dir overrides. With
-    run=False a search stops at the first point whose runs are missing (then it is not `done`)."""
+    run=False a search stops at the first point whose runs are missing (then it is not `complete`).
+    max_iters: fewer iterations than the pre-registered rule's (tests)."""
+
+    def rule(m: int) -> SearchRule:
+        r = rule_for(m)
+        return r if max_iters is None else replace(r, max_iters=min(r.max_iters, max_iters))
+
     searches = []
     for s in settings:
         start = np.asarray(GRID_BEST[s], dtype=np.float64)
-        searches.append(Search(s, SearchState(canonical(start), rule_for(len(start)).step)))
+        searches.append(Search(s, SearchState(canonical(start), rule(len(start)).step)))
     centres = [point_runs(x.setting, x.state.centre, seeds, base, results_dir) for x in searches]
     _run(centres, results_dir, n_jobs, run)
     for x, c in zip(searches, centres, strict=True):
@@ -129,7 +136,7 @@ def refine(
             return searches
         cands = {
             x.setting: [point_runs(x.setting, q, seeds, base, results_dir) for q in neighbours(
-                x.state.centre, x.state.step, rule_for(len(x.state.centre)).floor)]
+                x.state.centre, x.state.step, rule(len(x.state.centre)).floor)]
             for x in active
         }  # fmt: skip
         _run([pt for pts in cands.values() for pt in pts], results_dir, n_jobs, run)
@@ -143,7 +150,7 @@ def refine(
             for i, pt in enumerate(pts):
                 _record(x, pt, "candidate", i == best)
             moved = pts[best] if best is not None else None
-            x.state.advance(rule_for(len(x.state.centre)), None if moved is None else moved.p)
+            x.state.advance(rule(len(x.state.centre)), None if moved is None else moved.p)
             if moved is not None:
                 x.centre_runs = moved
             log(
