@@ -154,8 +154,8 @@ def bench_plain(
     autocast = settings.autocast_dtype
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = dm.draw_batch()
-        tokens = batch.tokens.to(device, non_blocking=True)
+        batch = dm.draw_batch(pin=device.type == "cuda")  # the Lightning run's data path, hook included
+        tokens = dm.transfer_batch_to_device(batch, device, 0).tokens
         _sync(device)
         t1 = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
