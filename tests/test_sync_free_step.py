@@ -8,9 +8,9 @@ the method's loss, backward, clipping, the optimizer step and the method's betwe
 
 Allowed, and so let through: what runs every `log_every` steps (`MixingLM.finish_step` at log points:
 the train metrics and the deferred non-finite check), the evaluations a method asks for (their losses
-are what the method needs on the host: Aioli's LearnParams at probe boundaries), and checkpoints.
-DoReMi still reads its per-group excess back every step (its weight update is host numpy); it is not in
-this list yet.
+are what the method needs on the host: Aioli's LearnParams at probe boundaries), checkpoints, and the
+DoReMi/DoGE weights' log points (`AveragedWeightsMethod.log_metrics` every `log_every` updates: the
+one place their device weights are read back during training).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import lightning as L
 import pytest
 import torch
 
+from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.training.module import MixingLM
 from aioli_repro.training.run import run_training
 
@@ -86,7 +87,25 @@ def guard(monkeypatch) -> ForbidHostReads:
         return (g.allowed(finish) if at_log_point else finish)(self, step)
 
     monkeypatch.setattr(MixingLM, "finish_step", finish_step)
+    log_metrics = AveragedWeightsMethod.log_metrics
+
+    def method_log_metrics(self: AveragedWeightsMethod) -> dict[str, float]:
+        at_log_point = self.n_updates % self.log_every == 0
+        return (g.allowed(log_metrics) if at_log_point else log_metrics)(self)
+
+    monkeypatch.setattr(AveragedWeightsMethod, "log_metrics", method_log_metrics)
     return g
+
+
+@pytest.fixture(scope="module")
+def doremi_reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> str:
+    """DoReMi's reference: a 4-step stratified run's final weights."""
+    from conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    base = ["scale=tiny", f"cache_dir={cache_dir}", "progress=false", "logger=none", "num_threads=2"]
+    run_training(compose_config(*base, "train.max_steps=4", "train.checkpoint_every=0"), run_dir)
+    return str(run_dir / "checkpoints" / "final.ckpt")
 
 
 GPU_ON_CPU = ["trainer=gpu", "trainer.accelerator=cpu", "train.val_every=0", "train.checkpoint_every=10"]
@@ -100,14 +119,22 @@ METHODS = {
         "method.mixer.lp_rounds=1",
         "method.mixer.lp_steps=2",
     ],
+    # the weights' log points every 5 updates; mu large enough that alpha moves in 20 steps
+    "doremi": ["method=doremi", "hp.doremi.log_every=5", "hp.doremi.mu=1.0"],
 }
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_no_host_read_in_a_steady_state_step(method, guard, make_cfg, tmp_path: Path) -> None:
+def test_no_host_read_in_a_steady_state_step(method, guard, make_cfg, tmp_path: Path, request) -> None:
     cfg = make_cfg(*GPU_ON_CPU, "train.max_steps=20", "train.log_every=5", *METHODS[method])
-    s = run_training(cfg, tmp_path, callbacks=[guard])
+    extras = (
+        {"reference_checkpoint": request.getfixturevalue("doremi_reference")} if method == "doremi" else None
+    )
+    s = run_training(cfg, tmp_path, callbacks=[guard], extras=extras)
     assert s["steps"] == 20 and guard.steps_checked == 18  # steps 3..20 (global_step 2..19 at their start)
+    if method == "doremi":  # the weights moved on the device and reached the summary
+        learned = list(s["learned_proportions"].values())
+        assert sum(learned) == pytest.approx(1.0) and abs(learned[0] - 0.5) > 1e-4, learned
     if method == "aioli":  # both kinds of steps ran under the guard, and the probes were evaluated
         assert s["method_evals"] >= 4 and any(t["probe"] for t in s["trajectory"])
         assert any(not t["probe"] and t["step"] > 2 for t in s["trajectory"])

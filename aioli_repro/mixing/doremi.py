@@ -17,7 +17,6 @@ import torch
 from aioli_repro import world
 from aioli_repro.mixing.averaged_weights import AveragedWeightsMethod
 from aioli_repro.mixing.base import Batch, MixingContext, StepContext
-from aioli_repro.mixing.simplex import softmax
 from aioli_repro.model import build_model, lm_token_losses, load_decoder_state
 
 
@@ -39,6 +38,10 @@ class DoReMi(AveragedWeightsMethod):
     micro-batch, from the whole step's excess. Every micro-batch's loss is weighted by the a in force
     when the step began (the previous step's update), so one step's gradient and update do not depend
     on how its batch is split. (The official trainer discarded the first micro-batch's losses.)
+
+    The window sums, the update and alpha stay on the training device in float64 (the same maths as the
+    former host numpy update): a steady-state step never waits for the device. The host copies of alpha,
+    its average and the scores are read back only when asked for (see mixing/averaged_weights.py).
 
     Uses of the step context (all `training_loss` touches): `step.model` (the proxy decoder),
     `step.model_config` (to build the reference), `step.device` and `step.accumulate_grad_batches`.
@@ -90,16 +93,18 @@ class DoReMi(AveragedWeightsMethod):
         super().setup(ctx)
         if self.reference_checkpoint is None:
             self.reference_checkpoint = ctx.extras.get("reference_checkpoint")
-        # scores: the last excess per group; groups absent from a step keep theirs
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        m = self.ctx.m
-        # per-group sums over the micro-batches of the current optimizer step
-        self._sum_proxy = np.zeros(m)
-        self._sum_excess = np.zeros(m)  # reference loss sum ("group") or clipped token excess ("token")
-        self._count = np.zeros(m)
+        # per-group sums over the micro-batches of the current optimizer step: rows proxy loss, reference
+        # loss ("group") or clipped token excess ("token"), sequence count; a device tensor once training
+        self._window: np.ndarray | torch.Tensor = np.zeros((3, ctx.m))
         self._micro = 0
+
+    def _to_device(self, device: torch.device) -> None:
+        """The weights and the window as float64 on `device` (once, and again after a checkpoint load):
+        the update runs there, so a step never reads a device value back."""
+        self._weights_to(device)
+        w = self._window
+        if not (isinstance(w, torch.Tensor) and w.device == device):
+            self._window = torch.as_tensor(w, dtype=torch.float64).to(device, copy=True)
 
     # -- reference ------------------------------------------------------------------------------
     def _reference(self, step: StepContext) -> torch.nn.Module:
@@ -144,12 +149,10 @@ class DoReMi(AveragedWeightsMethod):
                 excess_rows = (proxy_tok - ref_tok).clamp_min(0).mean(dim=1)
             rows = torch.stack([seq_loss.detach(), excess_rows, torch.ones_like(excess_rows)]).double()
             sums = torch.zeros(3, m, dtype=torch.float64, device=seq_loss.device).index_add_(1, gids, rows)
-            # DDP: the global batch's sums on every rank; one host sync per micro-batch (the official code
-            # syncs per group)
-            sums = world.all_reduce_sum(sums).cpu().numpy()
-        self._sum_proxy += sums[0]
-        self._sum_excess += sums[1]
-        self._count += sums[2]
+            # DDP: the global batch's sums on every rank (the official code read them back per group)
+            sums = world.all_reduce_sum(sums)
+        self._to_device(sums.device)
+        self._window += sums
 
         accumulate = max(1, int(step.accumulate_grad_batches))
         self._micro += 1
@@ -168,40 +171,36 @@ class DoReMi(AveragedWeightsMethod):
         if self.reweight_by == "sample":
             loss = seq_loss.mean()
         else:
-            alpha = torch.as_tensor(self.alpha, dtype=seq_loss.dtype, device=seq_loss.device)
-            loss = (alpha * group_mean).sum()
+            loss = (self._weights["alpha"].to(seq_loss.dtype) * group_mean).sum()
 
         if not updated_first and self._micro >= accumulate:
             self._update()
         return loss
 
     def _update(self) -> None:
-        present = self._count > 0
-        n = np.maximum(self._count, 1)
+        """One EGD step on the step's excess, in float64 on the device: no host read (issue 24)."""
+        proxy, excess_sum, count = self._window.unbind(0)
+        n = count.clamp_min(1)
         if self.clip == "group":
-            excess = np.maximum(self._sum_proxy / n - self._sum_excess / n, 0.0)
+            excess = (proxy / n - excess_sum / n).clamp_min(0.0)
         else:
-            excess = self._sum_excess / n
-        self.scores = np.where(present, excess, self.scores)
-        log_a = np.log(self.alpha) + self.mu * self.scores
-        a = softmax(log_a)
-        self._record((1.0 - self.smoothing) * a + self.smoothing / self.ctx.m)
-        self._reset_window()
+            excess = excess_sum / n
+        scores = torch.where(count > 0, excess, self._weights["scores"])  # absent groups keep theirs
+        log_a = self._weights["alpha"].log() + self.mu * scores
+        a = (log_a - log_a.max()).exp()  # softmax, shifted as mixing.simplex.softmax
+        a = a / a.sum()
+        self._record((1.0 - self.smoothing) * a + self.smoothing / self.ctx.m, scores)
+        self._window.zero_()
+        self._micro = 0
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        window = {
-            "sum_proxy": self._sum_proxy.tolist(),
-            "sum_excess": self._sum_excess.tolist(),
-            "count": self._count.tolist(),
-            "micro": self._micro,
-        }
+        proxy, excess, count = self._window.tolist()  # builtins only (weights_only checkpoint loads)
+        window = {"sum_proxy": proxy, "sum_excess": excess, "count": count, "micro": self._micro}
         return {**super().state_dict(), "window": window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         w = state["window"]
-        self._sum_proxy = np.asarray(w["sum_proxy"], dtype=np.float64)
-        self._sum_excess = np.asarray(w["sum_excess"], dtype=np.float64)
-        self._count = np.asarray(w["count"], dtype=np.float64)
+        self._window = np.asarray([w["sum_proxy"], w["sum_excess"], w["count"]], dtype=np.float64)
         self._micro = int(w["micro"])

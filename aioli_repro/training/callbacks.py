@@ -222,10 +222,11 @@ class MixingCallback(L.Callback):
 
     def _trained(self, p: np.ndarray) -> tuple[str, np.ndarray]:
         """("p", sampled proportions), or ("w", the loss weights alpha) for DoReMi/DoGE proxies, whose
-        sampling stays stratified while alpha decides what is learned."""
+        sampling stays stratified while alpha decides what is learned. alpha as last copied to the host
+        (DoReMi: at its log points): reading it here would make every step wait for the device."""
         m = self.method
         if isinstance(m, AveragedWeightsMethod) and getattr(m, "reweight_by", "loss") != "sample":
-            return "w", np.asarray(m.alpha, dtype=np.float64)
+            return "w", np.asarray(m.shown_alpha(), dtype=np.float64)
         return "p", p
 
     def summary_trajectory(self) -> list[dict[str, Any]]:
