@@ -164,3 +164,26 @@ def test_claims_follow_the_preregistered_rule() -> None:
     table2, _ = tables.build_table2(df2, "mini", "synthetic", headroom=best)
     status2 = claims(df2, pd.DataFrame(table2.attrs["cells"]))[0]["status"]
     assert status2["H1 Aioli never loses to stratified"] == "fails"
+
+
+def test_table2_shows_the_refined_optimum_beside_the_grid_and_takes_its_share() -> None:
+    strat = [20.0, 21.0, 19.0]
+    df = _frame({
+        ("A/SE", "stratified"): strat,
+        ("A/SE", "aioli"): [v - 0.5 for v in strat],
+        ("GH/C4", "stratified"): strat,
+        ("GH/C4", "aioli"): [v - 0.5 for v in strat],
+    })  # fmt: skip
+    seeds = [0, 1, 2]
+    grid = pd.DataFrame({"setting": ["A/SE"] * 3 + ["GH/C4"] * 3, "seed": seeds * 2,
+                         "test_avg_ppl": [v - 1.0 for v in strat] * 2})  # fmt: skip
+    # A/SE: the search found more (-2.0, with noise); GH/C4 has no refined row: the share keeps the grid's
+    noisy = [v - 2.0 + d for v, d in zip(strat, [0.1, -0.1, 0.0])]
+    refined = pd.DataFrame({"setting": ["A/SE"] * 3, "seed": seeds, "test_avg_ppl": noisy})
+    table, md = tables.build_table2(df, "mini", "synthetic", headroom=grid, refined=refined)
+    assert list(table.index)[:3] == ["Stratified", tables.HEADROOM, tables.REFINED]
+    assert (
+        table.loc[tables.REFINED, "A/SE"].startswith("-2.000 [") and table.loc[tables.REFINED, "GH/C4"] == "—"
+    )
+    share_line = [line for line in md.splitlines() if line.startswith("| Aioli |")][-1]
+    assert share_line == "| Aioli | 0.25 | 0.50 |"  # A/SE: 0.5 of the refined 2.0; GH/C4: of the grid's 1.0

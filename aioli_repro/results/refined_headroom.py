@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 
 from aioli_repro.results.stats import Paired, fmt_paired, paired
+from aioli_repro.results.tables import HEADROOM
+from aioli_repro.results.tables import REFINED as REFINED_ROW
 
 TIDY = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
-GRID, REFINED = "Best static (grid)", "Best static (refined)"
+GRID, REFINED = HEADROOM, REFINED_ROW  # the Table 2 row names
 
 
 @dataclass

@@ -97,7 +97,8 @@ def build(
     paths: dict[str, Path] = {}
     if table == "table2":
         best = headroom_runs(results_dir, scale_name)
-        tab, md = build_table2(df, scale_name, label, best, smoke=scale_name == "table_smoke")
+        refined = refined_runs(out_dir)
+        tab, md = build_table2(df, scale_name, label, best, scale_name == "table_smoke", refined)
     else:
         tab, md = build_table3(df, scale=scale_name, data_label=label)
     md = md + ("\n" + footer + "\n" if footer else "")
@@ -140,6 +141,23 @@ def write_probe_noise(df, out_dir: Path) -> dict[str, Path]:
         f"{to_markdown(tab.set_index('setting'), 'Setting')}\n"
     )
     return {"beta_noise_csv": csv, "beta_noise_md": md}
+
+
+def refined_runs(out_dir: Path):
+    """The refined optimum's test avg ppl per (setting, seed) from `<out_dir>/refined_headroom.csv`
+    (written by `python -m aioli_repro.sensitivity`), or None when the study has not written one there."""
+    import pandas as pd
+
+    from aioli_repro.results.tables import REFINED
+
+    path = Path(out_dir) / "refined_headroom.csv"
+    if not path.exists():
+        return None
+    t = pd.read_csv(path)
+    t = t[(t["arm"] == REFINED) & (t["statistic"] == "test_avg_ppl")]
+    return t.rename(columns={"value": "test_avg_ppl"})[["setting", "seed", "test_avg_ppl"]].astype(
+        {"seed": int}
+    )
 
 
 def headroom_runs(results_dir: Path, scale_name: str):

@@ -29,7 +29,8 @@ METHOD_LABELS = {
     "aioli_mult": "Aioli (Alg. 1)",
     "aioli_null": "Aioli null (η = 0)",
 }
-HEADROOM = "Best static (headroom)"
+HEADROOM = "Best static (grid)"  # the headroom grid's val-best point (`make headroom`)
+REFINED = "Best static (refined)"  # the local search's optimum from that point (`make sensitivity`)
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")  # Table 3 rows
 MISSING = "—"
 BEATING = "# settings beating stratified (W/T/L)"
@@ -138,14 +139,15 @@ def table2_cells(
     headroom: pd.DataFrame | None = None,
     settings: list[str] | None = None,
     methods: list[str] | None = None,
+    refined: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Long numeric form of Table 2: row, method, setting, kind (abs | delta), mean, std, n, lo, hi, verdict.
 
     Stratified is absolute (mean, sd over seeds); every other row is paired with stratified over the seeds
     both have (`stats.paired`: mean difference, sd of the differences, 95% interval, verdict). `headroom`
     (from `results.headroom.best_static`) adds the best static mixture's row: per-seed test avg ppl of
-    the point chosen by mean val avg ppl. `settings` / `methods`: which to include (default: every one
-    present).
+    the point chosen by mean val avg ppl; `refined` (setting, seed, test_avg_ppl) the refined optimum's
+    row. `settings` / `methods`: which to include (default: every one present).
     """
     d = _scale_rows(df, scale)
     if "variant" in d:
@@ -165,6 +167,9 @@ def table2_cells(
         if headroom is not None and len(headroom):
             h = headroom[headroom["setting"] == setting]
             others.insert(0, ("headroom", HEADROOM, by_seed(h)))
+        if refined is not None and len(refined):
+            r = refined[refined["setting"] == setting]
+            others.insert(1 if others and others[0][1] == HEADROOM else 0, ("refined", REFINED, by_seed(r)))
         for method, label, x in others:
             pd_ = paired(x, ref) if len(x) else None
             if pd_ is not None:
@@ -204,12 +209,19 @@ def to_markdown(table: pd.DataFrame, index_label: str = "Method") -> str:
 
 
 def build_table2(
-    df: pd.DataFrame, scale: str, data_label: str, headroom: pd.DataFrame | None = None, smoke: bool = False
+    df: pd.DataFrame,
+    scale: str,
+    data_label: str,
+    headroom: pd.DataFrame | None = None,
+    smoke: bool = False,
+    refined: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Table 2 for the runs at `scale`: the comparison table with the paper's six settings and rows
-    (+ the headroom row when `headroom` is given). `smoke` labels the table as a smoke test."""
+    (+ the headroom rows when `headroom` / `refined` are given). `smoke` labels the table as a smoke test."""
     title = f"Table 2 ({'SMOKE TEST, not a result; ' if smoke else ''}scale: {scale}, data: {data_label}"
-    return build_comparison(df, scale, data_label, headroom, list(SETTINGS), list(METHOD_LABELS), title)
+    return build_comparison(
+        df, scale, data_label, headroom, list(SETTINGS), list(METHOD_LABELS), title, refined
+    )
 
 
 def build_comparison(
@@ -220,6 +232,7 @@ def build_comparison(
     settings: list[str] | None = None,
     methods: list[str] | None = None,
     title: str | None = None,
+    refined: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Rows = methods (default: every one present), columns = settings (default: every one present) + seeds,
     W/T/L against stratified, extra runs, tokens. Table 2 is this with the paper's settings and rows."""
@@ -228,10 +241,11 @@ def build_comparison(
         d = d[d["variant"].isna()]
     methods = present_methods(d["method"]) if methods is None else list(methods)
     settings = present_settings(d["setting"]) if settings is None else list(settings)
-    cells = table2_cells(d, None, headroom, settings, methods)
+    cells = table2_cells(d, None, headroom, settings, methods, refined)
     labels = [method_label(m) for m in methods]
-    if (cells["row"] == HEADROOM).any():
-        labels.insert(1, HEADROOM)
+    for row in (REFINED, HEADROOM):  # grid first, then refined, right after stratified
+        if (cells["row"] == row).any():
+            labels.insert(1, row)
     cols = [*settings, SEEDS, BEATING, EXTRA, TOKENS]
     table = pd.DataFrame(MISSING, index=labels, columns=cols, dtype=object)
     table.index.name = "Method"
@@ -280,6 +294,11 @@ def _comparison_markdown(
             f" {HEADROOM}: the static mixture of the headroom grid with the lowest mean val avg ppl over "
             "seeds, its test difference paired like the others (`make headroom`)."
         )
+    if (cells["row"] == REFINED).any():
+        notes += (
+            f" {REFINED}: the optimum of a local search on the simplex started at the grid's best point, "
+            "chosen on val (`make sensitivity`, `refined_headroom.md`); the headroom share below uses it."
+        )
     md = f"{header}\n\n{to_markdown(table)}\n\n{notes}\n"
     share = headroom_share(cells)
     if share is not None:
@@ -293,8 +312,11 @@ def _comparison_markdown(
 
 
 def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
-    """Per method and setting with significant headroom: the method's mean Δ over the headroom's mean Δ."""
-    h = cells[(cells["row"] == HEADROOM) & (cells["verdict"] == "better")].set_index("setting")
+    """Per method and setting with significant headroom: the method's mean Δ over the headroom's mean Δ
+    (the refined optimum's where a setting has one, else the grid's best point)."""
+    better = cells[cells["row"].isin([HEADROOM, REFINED]) & (cells["verdict"] == "better")]
+    better = better.assign(_grid=better["row"] == HEADROOM).sort_values("_grid", kind="stable")
+    h = better.drop_duplicates("setting").set_index("setting")  # refined first: it wins where present
     if h.empty:
         return None
     rows = [label for m, label in METHOD_LABELS.items() if m != "stratified"]
