@@ -1,9 +1,10 @@
 """Config helpers: Hydra resolvers, and one validation pass whose errors name the field.
 
-`register_resolvers()` registers the `by_m`, `setting_key` and `setting_label` resolvers the configs in
-`conf/` use (idempotent). Importing this module does not: the entry points call it before Hydra composes,
-`compose_train` (the one way the package composes `conf/train.yaml` itself) calls it, and so does
-`validate_config`, which every config passes before it is used (a caller's own `compose` included).
+`register_resolvers()` registers the `by_m`, `setting_key`, `setting_label` and `half` resolvers the
+configs in `conf/` use (idempotent). Importing this module does not: the entry points call it before
+Hydra composes, `compose_train` (the one way the package composes `conf/train.yaml` itself) calls it,
+and so does `validate_config`, which every config passes before it is used (a caller's own `compose`
+included).
 
 `CheckRunName`, a Hydra callback (`hydra.callbacks` in `conf/train.yaml`, so every entry point has it),
 checks the fields of `run_name` before Hydra names its run folder after it (`groups=[]` has no
@@ -88,7 +89,13 @@ def _by_m(names: list, v2: object, v3: object, v7: object) -> object:
     return v2 if m <= 2 else (v3 if m <= 3 else v7)
 
 
-_RESOLVERS = {"by_m": _by_m, "setting_key": setting_key, "setting_label": setting_label}
+def _half(v: object) -> int:
+    """Half of a positive count, at least 1: a variant with twice the rounds at the same LearnParams share
+    (`method=aioli_t2x`) halves both the round length and the sweeps per round, at any scale."""
+    return max(1, int(v) // 2)
+
+
+_RESOLVERS = {"by_m": _by_m, "setting_key": setting_key, "setting_label": setting_label, "half": _half}
 
 
 def register_resolvers() -> None:
