@@ -144,14 +144,17 @@ def build(
     trace_frame(searches).to_csv(out_dir / "refined_headroom_trace.csv", index=False)
     optimum = {r.setting: sensitivity.Optimum(p=r.opt_p, test=r.opt_test) for r in results}
     arm_frame = frame[frame["run_key"].isin({k for j in arms for k in j.keys})]
-    paths.update(sensitivity.write_sensitivity(arm_frame, optimum, out_dir))
+    stats = sensitivity.arm_stats(arm_frame, optimum)
+    paths.update(
+        {f"sensitivity {k}": v for k, v in sensitivity.write_sensitivity(stats, optimum, out_dir).items()}
+    )
     oracle_frame = frame[frame["run_key"].isin({k for j in oracle for k in j.keys})]
-    eta = {labels[s]: float(j.cfg.method.mixer.eta) for j in oracle for s in [j.setting]}
+    eta = {labels[j.setting]: float(j.cfg.method.mixer.eta) for j in oracle}
     rows = oracle_tables.oracle_rows(oracle_frame, {k: v.p for k, v in optimum.items()}, eta)
     summary = oracle_tables.oracle_summary(rows)
-    paths.update(oracle_tables.write_oracle(rows, summary, out_dir))
+    paths.update({f"oracle {k}": v for k, v in oracle_tables.write_oracle(rows, summary, out_dir).items()})
     verdict = out_dir / "sensitivity_verdict.md"
-    verdict.write_text(verdict_markdown(summary, sensitivity.arm_stats(arm_frame, optimum), footer) + "\n")
+    verdict.write_text(verdict_markdown(summary, stats, footer) + "\n")
     paths["verdict"] = verdict
     return paths
 

@@ -196,7 +196,7 @@ def test_markdown_and_files(planted, tmp_path):
     )
     line = next(x for x in md.splitlines() if x.startswith("| released (η 1×) |") and "better" in x)
     assert "-0.500 [" in line and "| 0.40 |" in line
-    paths = sens.write_sensitivity(frame, opt, tmp_path / "out")
+    paths = sens.write_sensitivity(sens.arm_stats(frame, opt), opt, tmp_path / "out")
     assert {p.name for p in paths.values()} == {"sensitivity.csv", "sensitivity.md", "sensitivity_p.png"}
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
     back = pd.read_csv(paths["csv"])

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aioli_repro.mixing.simplex_search import SearchRule, SearchState, canonical, choose, neighbours, rule_for
+from aioli_repro.mixing.simplex_search import (
+    DIGITS,
+    SearchRule,
+    SearchState,
+    canonical,
+    choose,
+    neighbours,
+    rule_for,
+)
 from aioli_repro.pipeline.launch import run_inprocess
 from aioli_repro.pipeline.sweep import Job, jobs_for
 
@@ -34,7 +42,7 @@ REQUIRED = ("a_b_se", "cc_gh_w", "slimpajama_all")  # the issue's minimum; the m
 
 
 def fmt_p(p: np.ndarray) -> str:
-    return "[" + ",".join(f"{x:.{6}f}".rstrip("0").rstrip(".") for x in canonical(p)) + "]"
+    return "[" + ",".join(f"{x:.{DIGITS}f}".rstrip("0").rstrip(".") for x in canonical(p)) + "]"
 
 
 @dataclass

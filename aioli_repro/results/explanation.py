@@ -20,7 +20,7 @@ def explain(oracle_summary: pd.DataFrame, arm_stats: pd.DataFrame, setting: str)
         return "undecided", "no oracle runs"
     cos = {int(r.t0): float(r.mean_cos_oracle_opt) for r in o.itertuples()}
     agree = {int(r.t0): float(r.share_blocks_agree) for r in o.itertuples()}
-    blocks_agree = bool(direction_verdict(oracle_summary, setting)["blocks_agree"])
+    facts = direction_verdict(oracle_summary, setting)
     arms = arm_stats[(arm_stats["setting"] == setting) & arm_stats["arm"].isin(LARGER_ETA)]
     winners = [r.arm for r in arms.itertuples() if r.moved_toward and r.d_strat_verdict == "better"]
     why = (
@@ -33,8 +33,8 @@ def explain(oracle_summary: pd.DataFrame, arm_stats: pd.DataFrame, setting: str)
         return "undecided", why
     if all(c <= 0 for c in cos.values()):
         return "the direction is wrong", why
-    if all(c > 0 for c in cos.values()):
-        if not blocks_agree:
+    if facts["oracle_toward_opt"]:
+        if not facts["blocks_agree"]:
             return "the estimate is too noisy", why
         if winners:
             return "the step is too small", why

@@ -25,7 +25,7 @@ import pandas as pd
 from aioli_repro.fileio import atomic_write
 from aioli_repro.mixing.learn_params import normalize_A, solve_A
 from aioli_repro.mixing.simplex import softmax
-from aioli_repro.results.tables import SETTINGS, to_markdown
+from aioli_repro.results.tables import SETTINGS, TIDY_COLUMNS, to_markdown
 
 # `oracle_full_t84` -> ("full", 84)
 ORACLE_METHOD = re.compile(r"^oracle_(full|cap)_t(\d+)$")
@@ -38,7 +38,6 @@ SUMMARY_COLUMNS = [
     "setting", "t0", "seeds", "blocks", "median_r", "median_sign_agree", "median_p_l1", "share_blocks_agree",
     "mean_cos_oracle_opt", "seeds_oracle_toward_opt", "median_cos_opt", "train_equal",
 ]  # fmt: skip
-TIDY_COLUMNS = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
 # below this norm a vector has no direction (p ≈ u): its cosine is undefined
 _TINY = 1e-12
 

@@ -12,10 +12,9 @@ import numpy as np
 import pandas as pd
 
 from aioli_repro.results.stats import Paired, fmt_paired, paired
-from aioli_repro.results.tables import HEADROOM
+from aioli_repro.results.tables import HEADROOM, TIDY_COLUMNS
 from aioli_repro.results.tables import REFINED as REFINED_ROW
 
-TIDY = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
 GRID, REFINED = HEADROOM, REFINED_ROW  # the Table 2 row names
 
 
@@ -61,7 +60,7 @@ def tidy(results: list[SearchResult], stratified: dict[str, pd.Series], skillit:
             _stat(rows, r.setting, "Skill-It", "delta_vs_stratified", paired(sk, ref))
         rows.append({"setting": r.setting, "arm": REFINED, "statistic": "search_iterations", "seed": None,
                      "value": float(r.iterations), "lo": np.nan, "hi": np.nan})  # fmt: skip
-    return pd.DataFrame(rows, columns=TIDY)
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
 def markdown(

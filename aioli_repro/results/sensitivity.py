@@ -20,7 +20,7 @@ import pandas as pd
 
 from aioli_repro.results.probe_noise import noise_table, round_records
 from aioli_repro.results.stats import Paired, fmt_paired, paired
-from aioli_repro.results.tables import by_seed, present_settings, to_markdown
+from aioli_repro.results.tables import TIDY_COLUMNS, by_seed, present_settings, to_markdown
 
 REFERENCE = "stratified"
 NULL = "aioli_null"
@@ -45,7 +45,6 @@ ARMS = tuple(ARM_LABELS)
 ETA_ARMS = ("aioli", "aioli_eta3x", "aioli_eta10x", "aioli_eta30x")  # S1: the released rule's η ladder
 STUDY_SETTINGS = ("A/B/SE", "CC/GH/W")  # the two settings the hypotheses are stated for
 S5_RATIO = 1.2
-TIDY_COLUMNS = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
 
 
 @dataclass(frozen=True)
@@ -427,12 +426,12 @@ def plot_final_p(stats: pd.DataFrame, optimum: dict[str, Optimum], path: str | P
 
 # -- 6. files ----------------------------------------------------------------------------------------
 def write_sensitivity(
-    frame: pd.DataFrame, optimum: dict[str, Optimum], out_dir: str | Path
+    stats: pd.DataFrame, optimum: dict[str, Optimum], out_dir: str | Path
 ) -> dict[str, Path]:
-    """sensitivity.csv (tidy), sensitivity.md (tables + S1–S5), sensitivity_p.png under `out_dir`."""
+    """sensitivity.csv (tidy), sensitivity.md (tables + S1–S5), sensitivity_p.png under `out_dir`, from
+    `arm_stats` (computed once by the caller, which the verdict also reads)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = arm_stats(frame, optimum)
     paths = {"csv": out / "sensitivity.csv", "md": out / "sensitivity.md", "png": out / "sensitivity_p.png"}
     tidy(stats).to_csv(paths["csv"], index=False)
     lines = "\n".join(f"- {h}" for h in hypotheses(stats))

@@ -29,6 +29,8 @@ METHOD_LABELS = {
     "aioli_mult": "Aioli (Alg. 1)",
     "aioli_null": "Aioli null (η = 0)",
 }
+# the long form of every study table's CSV (sensitivity, oracle, refined headroom): one value per row
+TIDY_COLUMNS = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
 HEADROOM = "Best static (grid)"  # the headroom grid's val-best point (`make headroom`)
 REFINED = "Best static (refined)"  # the local search's optimum from that point (`make sensitivity`)
 BASELINES = ("grid", "dml", "skillit", "doremi", "doge")  # Table 3 rows
