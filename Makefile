@@ -18,6 +18,7 @@ help:
 	@echo "make gpu-check  on a fresh GPU node, before a sweep (<= 8 min): results/gpu_check/report.{md,json}"
 	@echo "make compare RESULTS=DIR   tables and plots of every finished run under DIR (default results/runs)"
 	@echo "make headroom / reproduce-table2 / reproduce-table3 SCALE=tiny|smoke|paper   the paper's tables"
+	@echo "make reproduce-post SCALE=tiny|paper   Table 2's rows for RegMix, Olmix, MixMin, ADO, UniMax"
 	@echo "make sensitivity SCALE=tiny   why Aioli ties at the miniature: refined headroom, sensitivity arms, oracle"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -88,6 +89,12 @@ reproduce-table3: $(STAMP)
 # Why Aioli ties at the miniature (issue 25, docs/miniature.md): the refined headroom (a local search from the
 # grid's best point), Aioli's sensitivity arms and the oracle check of its estimator, then their tables.
 # SCALE=tiny only (the CPU miniature); ARGS=--dry-run lists what is done, ARGS=--no-run only rebuilds tables.
+# Table 2's rows for the methods published after the paper (RegMix, Olmix, MixMin, ADO, UniMax; issue 26):
+# their own command, 3 seeds, paired with Table 2's stratified runs -> <out>/table2_post.{md,csv,png}.
+.PHONY: reproduce-post
+reproduce-post: $(STAMP)
+	$(PY) -m aioli_repro.reproduce post --scale $(SCALE) $(ARGS)
+
 .PHONY: sensitivity
 sensitivity: $(STAMP)
 	$(PY) -m aioli_repro.sensitivity --scale $(if $(filter auto,$(SCALE)),tiny,$(SCALE)) $(ARGS)

@@ -297,6 +297,44 @@ FIELDS: dict[str, Field] = {
     "method.pipeline.graph_eval_step": _int(0, null="the end of the graph run", optional=True),
     "method.pipeline.n_children": _int(1, null="m + 1", optional=True),
     "method.pipeline.branch_fraction": _num(low=0, high=1, low_open=True, optional=True),
+    # -- swarm methods (RegMix, Olmix): proxy runs on Dirichlet mixtures; pipeline/swarm.py
+    "method.pipeline.swarm_size": _int(2, optional=True),
+    "method.pipeline.swarm_steps": _int(1, null="the run's max_steps", optional=True),
+    "method.pipeline.swarm_seed": _int(0, optional=True),
+    "method.pipeline.swarm_jobs": _int(1, optional=True),
+    "method.pipeline.swarm_temperature": _num(low=0, high=1, low_open=True, optional=True),
+    "method.pipeline.swarm_min_strength": _num(low=0, low_open=True, optional=True),
+    "method.pipeline.swarm_max_strength": _num(low=0, low_open=True, optional=True),
+    "method.pipeline.swarm_n_strengths": _int(1, optional=True),
+    "method.pipeline.swarm_minimum": _num(low=0, high=0.5, optional=True),
+    "method.pipeline.swarm_max_usage": _num(low=1, optional=True),
+    "method.pipeline.swarm_oversample": _int(1, optional=True),
+    # RegMix (pipeline/regmix.py): the regression and the simulated optimum
+    "method.pipeline.regressor": Field("choice", choices=("lightgbm", "linear"), optional=True),
+    "method.pipeline.lgbm_holdout": _num(low=0, high=0.5, optional=True),
+    "method.pipeline.lgbm_min_child_samples": _int(1, null="the released leaf share, >= 2", optional=True),
+    "method.pipeline.sim_candidates": _int(1, optional=True),
+    "method.pipeline.sim_top_k": _int(1, optional=True),
+    # -- end swarm
+    # -- Olmix (pipeline/olmix.py)
+    "method.pipeline.proposer": Field("choice", choices=("exact", "simulation", "search"), optional=True),
+    "method.pipeline.kl_reg": _num(low=0, optional=True),
+    "method.pipeline.kl_bound": _num(low=0, low_open=True, null="the kl_reg penalty", optional=True),
+    "method.pipeline.huber_delta": _num(low=0, low_open=True, optional=True),
+    "method.pipeline.fit_steps": _int(1, optional=True),
+    "method.pipeline.fit_draws": _int(1, high=30, optional=True),
+    # -- end olmix
+    # -- MixMin (pipeline/mixmin.py)
+    "method.pipeline.logprob_unit": Field("choice", choices=("sequence", "token"), optional=True),
+    "method.pipeline.eg_lr": _num(low=0, low_open=True, optional=True),
+    "method.pipeline.eg_steps": _int(1, optional=True),
+    "method.pipeline.eg_tol": _num(low=0, optional=True),
+    "method.pipeline.target_max_seqs": _int(1, null="train.val_max_seqs", optional=True),
+    "method.pipeline.eval_device": Field("choice", choices=("cpu", "auto"), optional=True),
+    # -- end mixmin
+    # -- UniMax (pipeline/unimax.py)
+    "method.pipeline.max_epochs": _num(low=0, low_open=True, optional=True),
+    # -- end unimax
 }
 
 _ABSENT = object()

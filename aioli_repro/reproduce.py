@@ -3,6 +3,7 @@
     python -m aioli_repro.reproduce table2 --scale tiny|paper|auto [--seeds N] [--launcher L] [overrides...]
     python -m aioli_repro.reproduce table3 --scale tiny|paper|auto [--fraction 0.5] [--prior-steps N]
     python -m aioli_repro.reproduce table2 --scale tiny --dry-run   # the job list and what is done
+    python -m aioli_repro.reproduce post --scale tiny|paper          # Table 2's rows for later methods
     python -m aioli_repro.reproduce detect-scale                    # what --scale auto picks, and why
     python -m aioli_repro.reproduce table2 --scale paper --launcher slurm [hydra.launcher.partition=P]
     python -m aioli_repro.reproduce table2 --scale paper --status   # pending / running / done / failed
@@ -80,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m aioli_repro.reproduce",
         description="Reproduce the paper's Table 2 / 3: run the sweep (resuming), then build the table.",
     )
-    p.add_argument("table", choices=["table2", "table3", "headroom", "detect-scale"])
+    p.add_argument("table", choices=["table2", "table3", "headroom", "post", "detect-scale"])
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. train.max_steps=20")
     p.add_argument("--scale", default="auto", help="tiny | paper | auto (paper if a CUDA GPU is present)")
     p.add_argument("--seeds", type=int, default=None, help="seeds for m = 2, 3 (default: paper 5, tiny 1)")

@@ -41,13 +41,13 @@ def test_every_setting_and_method_composes(scale, setting):
             assert cfg.train.max_steps == (40000 if setting == "slimpajama_all" else 5000)
             assert (cfg.train.batch_size, cfg.train.context_length) == (8, 2048)
         mixer = cfg.method.mixer
-        if mixer.get("proportions", "x") is None:  # grid/dml sweep points are filled by the pipeline
-            assert method in ("grid", "dml")
+        if mixer.get("proportions", "x") is None:  # sweep/swarm/proxy points are filled by the pipeline
+            assert method in ("grid", "dml", "regmix", "regmix_linear", "olmix", "mixmin", "unimax")
             continue
         method_obj = instantiate(mixer)
         graph = np.eye(m).tolist()  # Skill-It's graph comes from its pipeline's graph runs
         ctx = MixingContext(SETTINGS[setting], int(cfg.train.max_steps), int(cfg.train.batch_size), 0,
-                            extras={"skills_graph": graph})  # fmt: skip
+                            extras={"skills_graph": graph, "token_prior": [1 / m] * m})  # fmt: skip
         method_obj.setup(ctx)
         p = np.asarray(method_obj.proportions())
         assert p.shape == (m,) and np.all(p >= 0) and abs(p.sum() - 1) < 1e-9, (method, p)

@@ -34,6 +34,35 @@ NEEDS = {
     "method.pipeline.graph_eval_step": ["method=skillit"],
     "method.pipeline.n_children": ["method=dynamic_law"],
     "method.pipeline.branch_fraction": ["method=dynamic_law"],
+    "method.pipeline.swarm_size": ["method=regmix"],
+    "method.pipeline.swarm_steps": ["method=regmix"],
+    "method.pipeline.swarm_seed": ["method=regmix"],
+    "method.pipeline.swarm_jobs": ["method=regmix"],
+    "method.pipeline.swarm_temperature": ["method=regmix"],
+    "method.pipeline.swarm_min_strength": ["method=regmix"],
+    "method.pipeline.swarm_max_strength": ["method=regmix"],
+    "method.pipeline.swarm_n_strengths": ["method=regmix"],
+    "method.pipeline.swarm_minimum": ["method=regmix"],
+    "method.pipeline.swarm_max_usage": ["method=regmix"],
+    "method.pipeline.swarm_oversample": ["method=regmix"],
+    "method.pipeline.regressor": ["method=regmix"],
+    "method.pipeline.lgbm_holdout": ["method=regmix"],
+    "method.pipeline.lgbm_min_child_samples": ["method=regmix"],
+    "method.pipeline.sim_candidates": ["method=regmix"],
+    "method.pipeline.sim_top_k": ["method=regmix"],
+    "method.pipeline.proposer": ["method=olmix"],
+    "method.pipeline.kl_reg": ["method=olmix"],
+    "method.pipeline.kl_bound": ["method=olmix"],
+    "method.pipeline.huber_delta": ["method=olmix"],
+    "method.pipeline.fit_steps": ["method=olmix"],
+    "method.pipeline.fit_draws": ["method=olmix"],
+    "method.pipeline.logprob_unit": ["method=mixmin"],
+    "method.pipeline.eg_lr": ["method=mixmin"],
+    "method.pipeline.eg_steps": ["method=mixmin"],
+    "method.pipeline.eg_tol": ["method=mixmin"],
+    "method.pipeline.target_max_seqs": ["method=mixmin"],
+    "method.pipeline.eval_device": ["method=mixmin"],
+    "method.pipeline.max_epochs": ["method=unimax"],
 }
 
 # field -> (wrong type, out of range or None, empty or None), as command-line values
@@ -113,6 +142,35 @@ FIELD_CASES: dict[str, tuple[str, str | None, str | None]] = {
     "method.pipeline.graph_eval_step": ("abc", "-1", None),
     "method.pipeline.n_children": ("abc", "0", None),
     "method.pipeline.branch_fraction": ("abc", "1.5", None),
+    "method.pipeline.swarm_size": ("abc", "1", None),
+    "method.pipeline.swarm_steps": ("abc", "0", None),
+    "method.pipeline.swarm_seed": ("abc", "-1", None),
+    "method.pipeline.swarm_jobs": ("abc", "0", None),
+    "method.pipeline.swarm_temperature": ("abc", "1.5", None),
+    "method.pipeline.swarm_min_strength": ("abc", "0", None),
+    "method.pipeline.swarm_max_strength": ("abc", "0", None),
+    "method.pipeline.swarm_n_strengths": ("abc", "0", None),
+    "method.pipeline.swarm_minimum": ("abc", "0.6", None),
+    "method.pipeline.swarm_max_usage": ("abc", "0.5", None),
+    "method.pipeline.swarm_oversample": ("abc", "0", None),
+    "method.pipeline.regressor": ("1", "bogus", None),
+    "method.pipeline.lgbm_holdout": ("abc", "0.6", None),
+    "method.pipeline.lgbm_min_child_samples": ("abc", "0", None),
+    "method.pipeline.sim_candidates": ("abc", "0", None),
+    "method.pipeline.sim_top_k": ("abc", "0", None),
+    "method.pipeline.proposer": ("1", "bogus", None),
+    "method.pipeline.kl_reg": ("abc", "-1", None),
+    "method.pipeline.kl_bound": ("abc", "0", None),
+    "method.pipeline.huber_delta": ("abc", "0", None),
+    "method.pipeline.fit_steps": ("abc", "0", None),
+    "method.pipeline.fit_draws": ("1.5", "31", None),
+    "method.pipeline.logprob_unit": ("1", "bogus", None),
+    "method.pipeline.eg_lr": ("abc", "0", None),
+    "method.pipeline.eg_steps": ("abc", "0", None),
+    "method.pipeline.eg_tol": ("abc", "-1", None),
+    "method.pipeline.target_max_seqs": ("abc", "0", None),
+    "method.pipeline.eval_device": ("1", "bogus", None),
+    "method.pipeline.max_epochs": ("abc", "0", None),
 }
 
 # more values out of range, and bad combinations of fields: (overrides, the field the error names)
@@ -180,7 +238,8 @@ def _leaves(node: object, prefix: str = "") -> list[str]:
 
 
 METHODS = ["stratified", "static", "grid", "dml", "skillit", "doremi", "doge", "aioli", "aioli_static",
-           "aioli_diagonal", "aioli_mult", "aioli_null", "dynamic_law", "headroom"]  # fmt: skip
+           "aioli_diagonal", "aioli_mult", "aioli_null", "dynamic_law", "headroom", "regmix", "regmix_linear",
+           "olmix", "mixmin", "ado", "unimax"]  # fmt: skip
 COMPOSITIONS = (
     [[f"method={m}"] for m in METHODS]
     + [[f"scale={s}", "method=aioli"] for s in ("miniature", "paper", "table_smoke")]

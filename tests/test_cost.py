@@ -63,3 +63,20 @@ def test_table3_shortens_the_learning_runs_and_adds_two_full_finals() -> None:
     half = float(cfg.restricted.fraction)
     assert [r.steps for r in short[:2]] == [round(r.steps * half) for r in full[:2]]  # reference, proxy
     assert [r.steps for r in short[2:]] == [int(cfg.train.max_steps)] * 2
+
+
+def test_later_methods_share_one_swarm_and_count_their_proxies() -> None:
+    cfgs = {
+        m: compose_config("scale=miniature", f"method={m}", "groups=a_b_se", "seed=0", "cache_dir=/tmp/x")
+        for m in ("regmix", "regmix_linear", "olmix", "mixmin", "ado", "unimax")
+    }
+    n = int(cfgs["regmix"].method.pipeline.swarm_size)
+    swarm = sweep_cost("post", [cfgs[m] for m in ("regmix", "regmix_linear", "olmix")])
+    assert swarm.runs == n + 3  # one swarm, three finals
+    steps = int(cfgs["regmix"].method.pipeline.swarm_steps)
+    full = int(cfgs["regmix"].train.max_steps)
+    t = cfgs["regmix"].train
+    assert swarm.tokens == (n * steps + 3 * full) * t.batch_size * t.context_length
+    mixmin = method_runs(cfgs["mixmin"])
+    assert len(mixmin) == 3 + 1 and mixmin[0].steps == int(cfgs["mixmin"].method.pipeline.proxy_steps)
+    assert len(method_runs(cfgs["ado"])) == 1 and len(method_runs(cfgs["unimax"])) == 1

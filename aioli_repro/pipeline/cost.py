@@ -24,7 +24,9 @@ from omegaconf import DictConfig
 from aioli_repro.mixing.simplex import headroom_points
 
 SUSTAINED_FLOPS = 1.1e14  # FLOP/s per GPU (bf16, A100-class, ~35% of peak): an assumption, not a measurement
-_ONE_RUN = ("stratified", "static", "aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal")
+_ONE_RUN = (
+    "stratified", "static", "aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal", "ado",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ def method_runs(cfg: DictConfig, fraction: float = 1.0, final: bool = True) -> l
         passes = 4 / 3 if name == "doremi" else (2 * m + 3) / 3
         proxy = run(name, "proxy", passes=passes, **shape)
         return [run("stratified"), proxy, *last] if name == "doremi" else [proxy, *last]
+    if name in ("regmix", "regmix_linear", "olmix"):  # one swarm, shared by the three
+        n, steps, sseed = int(pipe.swarm_size), int(pipe.swarm_steps), pipe.get("swarm_seed", seed)
+        return [*(run("swarm", sseed, i, steps=steps) for i in range(n)), *last]
+    if name == "mixmin":
+        return [*(run("mixmin_proxy", j, steps=int(pipe.proxy_steps)) for j in range(m)), *last]
+    if (
+        name == "unimax"
+    ):  # an upper bound: uncapped, UniMax reuses the stratified run (data decides, not config)
+        return last
     if name == "stratified":
         return [run("stratified")]
     if name not in _ONE_RUN:

@@ -55,7 +55,7 @@ def _done_line(summaries: list[dict], stage_log: list[str], seconds: float) -> s
     return f"done in {seconds:.1f} s ({trained} stages trained, {reused} reused; test avg {ppl})"
 
 
-def _worker_init(threads: int) -> None:
+def worker_init(threads: int) -> None:
     import lightning.pytorch  # noqa: F401  (sets its loggers' level on import: quiet them after)
     import torch
 
@@ -172,7 +172,7 @@ def _run_pool(
     running: dict = {}
     # spawn, not fork: the parent has imported torch (and its thread pools)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=worker_init, initargs=(threads,)) as ex:
         while queue or running:
             for job in [j for j in queue if ready(j)][: n_jobs - len(running)]:
                 queue.remove(job)

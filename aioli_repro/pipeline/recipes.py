@@ -112,6 +112,8 @@ class Pipeline:
             cfg, extras = self.proxy_cfg(name), {"reference_checkpoint": "(the reference stage)"}
         elif name == "skillit":
             cfg, extras = self.cfg, {"skills_graph": np.ones((m, m)).tolist()}
+        elif name == "ado":  # the token prior is read from the data when the run starts
+            cfg, extras = self.cfg, {"token_prior": np.full(m, 1.0 / m).tolist()}
         elif recipe_for(self.cfg) is learn_single:
             cfg, extras = self.cfg, {}
         else:  # sweeps and analyses: their stages are static runs the recipe configures
@@ -338,9 +340,11 @@ def final_stage(cfg: DictConfig, name: str, learned: Learned) -> Stage:
 
 
 def _weights_loaded_later(cfg: DictConfig) -> bool:
-    """Stratified runs are the only stages whose final weights another stage loads (DoReMi's reference,
-    the dynamic law's parent); a stage folder is shared, so this cannot depend on the current recipe."""
-    return cfg.method.mixer.get("_target_") == STRATIFIED["_target_"]
+    """Stages whose final weights are loaded later: stratified runs (DoReMi's reference, the dynamic law's
+    parent) and MixMin's proxies (scored on the target by its recipe). A stage folder is shared, so this
+    reads the stage's own config, never the current recipe: MixMin's label is safe because its proxies'
+    configs (val_every 0) match no other recipe's stage."""
+    return cfg.method.mixer.get("_target_") == STRATIFIED["_target_"] or cfg.method.name == "mixmin_proxy"
 
 
 def drop_checkpoints(run_dir: Path, keep_weights: bool) -> None:
@@ -360,6 +364,18 @@ def _val_matrix(summaries: list[dict], groups: list[str]) -> np.ndarray:
     return np.asarray([[s["val_loss"][g] for g in groups] for s in summaries], dtype=np.float64)
 
 
+def _lazy(module: str, fn: str) -> Callable[[Pipeline], Learned]:
+    """A recipe that lives in its own module (which imports this one), imported when it runs."""
+
+    def recipe(pipe: Pipeline) -> Learned:
+        import importlib
+
+        return getattr(importlib.import_module(f"aioli_repro.pipeline.{module}"), fn)(pipe)
+
+    recipe.__name__ = fn
+    return recipe
+
+
 RECIPES: dict[str, Callable[[Pipeline], Learned]] = {
     **dict.fromkeys(
         ("stratified", "static", "aioli", "aioli_mult", "aioli_null", "aioli_static", "aioli_diagonal"),
@@ -372,12 +388,23 @@ RECIPES: dict[str, Callable[[Pipeline], Learned]] = {
     "doge": learn_doge,
     "dynamic_law": learn_dynamic_law,
     "headroom": learn_headroom,
+    # methods published after the paper (issue 26; docs/methods.md)
+    "ado": _lazy("ado", "learn_ado"),
+    "regmix": _lazy("regmix", "learn_regmix"),
+    "regmix_linear": _lazy("regmix", "learn_regmix"),
+    "olmix": _lazy("olmix", "learn_olmix"),
+    "mixmin": _lazy("mixmin", "learn_mixmin"),
+    "unimax": _lazy("unimax", "learn_unimax"),
 }
 
 
 # Mixers that need no stage before their one run: a labelled variant of them (a sensitivity arm such as
 # `aioli_eta3x`, an oracle run) is a single run under its own name.
-SINGLE_RUN_MIXERS = ("aioli_repro.mixing.aioli.Aioli", "aioli_repro.mixing.static.Static")
+SINGLE_RUN_MIXERS = (
+    "aioli_repro.mixing.aioli.Aioli",
+    "aioli_repro.mixing.static.Static",
+    "aioli_repro.mixing.ado.ADO",
+)
 
 
 def recipe_for(cfg: DictConfig) -> Callable[[Pipeline], Learned]:

@@ -26,24 +26,30 @@ EXPERIMENTS = {
     "table3": ("table3", "table3_m7"),
     "headroom": ("headroom", "headroom_m7"),
     "sensitivity": ("sensitivity",),
+    "post": ("table2_post", "table2_post_m7"),
 }  # fmt: skip
 
 ENTRYPOINT = {
     "table2": "aioli_repro.run", "table3": "aioli_repro.restricted", "headroom": "aioli_repro.run",
-    "sensitivity": "aioli_repro.run",
+    "sensitivity": "aioli_repro.run", "post": "aioli_repro.run",
 }  # fmt: skip
 
 SLURM_BY_EXPERIMENT = {
     "table2": "slurm_rtx6000ada", "table2_m7": "slurm_a100",
     "table3": "slurm_rtx6000ada", "table3_m7": "slurm_a100",
     "headroom": "slurm_rtx6000ada", "headroom_m7": "slurm_a100", "sensitivity": "slurm_rtx6000ada",
+    "table2_post": "slurm_rtx6000ada", "table2_post_m7": "slurm_a100",
 }  # fmt: skip
 
 LAUNCHERS = ("inprocess", "local", "local_parallel", "slurm", "slurm_rtx6000ada", "slurm_a100")
 
 # The one dependency table: method -> the method whose stages it reuses (DML: grid's sweep; DoReMi: the
 # stratified run as its reference). A dependent job starts after its prerequisite.
-DEPENDS_ON = {"dml": "grid", "doremi": "stratified"}
+DEPENDS_ON = {
+    "dml": "grid", "doremi": "stratified",
+    # issue 26: UniMax uncapped is the stratified run; RegMix (linear) and Olmix train RegMix's swarm
+    "unimax": "stratified", "regmix_linear": "regmix", "olmix": "regmix",
+}  # fmt: skip
 LATE_METHODS = tuple(DEPENDS_ON)  # with a Hydra launcher: the second phase
 
 # Rows that get the most seeds: the reference and every Aioli arm (the issue's statistics rule).
@@ -57,8 +63,15 @@ DEFAULT_SEEDS = {
         "table3": (1, 1, 1),
         "headroom": (1, 1, 1),
         "sensitivity": (1, 1, 1),
+        "post": (1, 1, 1),
     },
-    "miniature": {"table2": (5, 5, 3), "table3": (3, 3, 3), "headroom": (3, 3, 3), "sensitivity": (5, 5, 5)},
+    "miniature": {
+        "table2": (5, 5, 3),
+        "table3": (3, 3, 3),
+        "headroom": (3, 3, 3),
+        "sensitivity": (5, 5, 5),
+        "post": (3, 3, 3),
+    },
 }
 
 

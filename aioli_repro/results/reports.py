@@ -38,7 +38,8 @@ def write_manifest(jobs: list[Job], out_dir: Path, table: str, results_dir: Path
 
 
 def select_runs(df, table: str, out_dir: str | Path | None = None, scale: str | None = None):
-    """The rows of a `load_runs` frame that make up `table` ("table2" | "table3"): (frame, scale, note).
+    """The rows of a `load_runs` frame that make up `table` ("table2" | "table2_post" | "table3"):
+    (frame, scale, note).
 
     With `<out_dir>/<table>_runs.json` (written by the driver) the frame is cut to exactly those
     pipelines. Otherwise: the rows of one scale (`scale`, else the only one, else "paper" if present,
@@ -47,7 +48,7 @@ def select_runs(df, table: str, out_dir: str | Path | None = None, scale: str | 
     """
     import json
 
-    d = df[df["variant"].isna()] if table == "table2" else df[df["variant"].notna()]
+    d = df[df["variant"].isna()] if table in ("table2", "table2_post") else df[df["variant"].notna()]
     note = ""
     mpath = manifest_path(out_dir, table) if out_dir is not None else None
     if mpath is not None and mpath.exists():
@@ -81,6 +82,7 @@ def build(
     from aioli_repro.results.load import data_label
     from aioli_repro.results.tables import (
         build_table2,
+        build_table2_post,
         build_table3,
         paper_side_by_side,
         plot_table,
@@ -95,10 +97,12 @@ def build(
     if table == "headroom":
         return build_headroom(df, scale_name, label, out_dir, footer)
     paths: dict[str, Path] = {}
-    if table == "table2":
+    if table in ("table2", "post"):
         best = headroom_runs(results_dir, scale_name)
         refined = refined_runs(out_dir)
-        tab, md = build_table2(df, scale_name, label, best, scale_name == "table_smoke", refined)
+        builder = build_table2 if table == "table2" else build_table2_post
+        tab, md = builder(df, scale_name, label, best, scale_name == "table_smoke", refined)
+        table = "table2" if table == "table2" else "table2_post"
     else:
         tab, md = build_table3(df, scale=scale_name, data_label=label)
     md = md + ("\n" + footer + "\n" if footer else "")

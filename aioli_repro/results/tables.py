@@ -29,6 +29,15 @@ METHOD_LABELS = {
     "aioli_mult": "Aioli (Alg. 1)",
     "aioli_null": "Aioli null (η = 0)",
 }
+# Methods published after the paper (issue 26; docs/methods.md): Table 2's rows of `reproduce post`
+POST_LABELS = {
+    "regmix": "RegMix",
+    "regmix_linear": "RegMix (linear)",
+    "olmix": "Olmix",
+    "mixmin": "MixMin",
+    "ado": "ADO",
+    "unimax": "UniMax",
+}
 # the long form of every study table's CSV (sensitivity, oracle, refined headroom): one value per row
 TIDY_COLUMNS = ["setting", "arm", "statistic", "seed", "value", "lo", "hi"]
 HEADROOM = "Best static (grid)"  # the headroom grid's val-best point (`make headroom`)
@@ -120,7 +129,7 @@ CELL_COLUMNS = ["row", "method", "setting", "kind", "mean", "std", "n", "lo", "h
 
 def method_label(method: str) -> str:
     """A method's row label: the paper's name where it has one, else the pipeline name (`static`, ...)."""
-    return METHOD_LABELS.get(method, method)
+    return METHOD_LABELS.get(method) or POST_LABELS.get(method, method)
 
 
 def present_settings(labels: object) -> list[str]:
@@ -132,7 +141,8 @@ def present_settings(labels: object) -> list[str]:
 def present_methods(methods: object) -> list[str]:
     """Method names in row order: the paper's rows first (in its order), then any others, sorted."""
     have = set(map(str, methods))
-    return [m for m in METHOD_LABELS if m in have] + sorted(have - set(METHOD_LABELS))
+    known = [*METHOD_LABELS, *POST_LABELS]
+    return [m for m in known if m in have] + sorted(have - set(known))
 
 
 def table2_cells(
@@ -224,6 +234,24 @@ def build_table2(
     return build_comparison(
         df, scale, data_label, headroom, list(SETTINGS), list(METHOD_LABELS), title, refined
     )
+
+
+def build_table2_post(
+    df: pd.DataFrame,
+    scale: str,
+    data_label: str,
+    headroom: pd.DataFrame | None = None,
+    smoke: bool = False,
+    refined: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """Table 2's rows for the methods published after the paper: stratified, the best static rows and the
+    new methods, with Table 2's settings and statistics (`reproduce post`)."""
+    title = (
+        f"Table 2, methods published after the paper ({'SMOKE TEST, not a result; ' if smoke else ''}"
+        f"scale: {scale}, data: {data_label}"
+    )
+    methods = ["stratified", *POST_LABELS]
+    return build_comparison(df, scale, data_label, headroom, list(SETTINGS), methods, title, refined)
 
 
 def build_comparison(
