@@ -187,3 +187,26 @@ def test_table2_shows_the_refined_optimum_beside_the_grid_and_takes_its_share() 
     )
     share_line = [line for line in md.splitlines() if line.startswith("| Aioli |")][-1]
     assert share_line == "| Aioli | 0.25 | 0.50 |"  # A/SE: 0.5 of the refined 2.0; GH/C4: of the grid's 1.0
+
+
+def test_post_table_has_the_later_methods_and_their_headroom_share() -> None:
+    """`reproduce post`: stratified, the best static rows and the later methods (in POST_LABELS order), with
+    Table 2's paired cells and the headroom share; a method absent from the runs is a row of dashes."""
+    strat = [20.0, 21.0, 19.0]
+    df = _frame({
+        ("A/SE", "stratified"): strat,
+        ("A/SE", "regmix"): [v - 0.5 for v in strat],
+        ("A/SE", "unimax"): strat,
+        ("A/SE", "aioli"): [v - 9.0 for v in strat],  # a Table 2 row: not in this table
+    })  # fmt: skip
+    refined = pd.DataFrame(
+        {"setting": ["A/SE"] * 3, "seed": [0, 1, 2], "test_avg_ppl": [v - 2.0 for v in strat]}
+    )
+    table, md = tables.build_table2_post(df, "mini", "synthetic", refined=refined)
+    assert list(table.index) == ["Stratified", tables.REFINED, *tables.POST_LABELS.values()]
+    assert table.loc["RegMix", "A/SE"].startswith("-0.500 [") and table.loc["UniMax", "A/SE"].startswith(
+        "+0.000"
+    )
+    assert table.loc["ADO", "A/SE"] == "—" and "Aioli" not in table.index
+    share_line = [line for line in md.splitlines() if line.startswith("| RegMix |")][-1]
+    assert share_line == "| RegMix | 0.25 |"  # 0.5 of the refined optimum's 2.0

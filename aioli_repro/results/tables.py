@@ -349,7 +349,9 @@ def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
     h = better.drop_duplicates("setting").set_index("setting")  # refined first: it wins where present
     if h.empty:
         return None
-    rows = [label for m, label in METHOD_LABELS.items() if m != "stratified"]
+    present = set(cells["row"])  # the table's own method rows (Table 2's, or the later methods')
+    rows = [label for m, label in {**METHOD_LABELS, **POST_LABELS}.items() if m != "stratified"]
+    rows = [r for r in rows if r in present]
     out = pd.DataFrame(MISSING, index=rows, columns=list(h.index), dtype=object)
     out.index.name = "Method"
     for c in cells[cells["kind"] == "delta"].to_dict("records"):
