@@ -202,7 +202,7 @@ def test_post_table_has_the_later_methods_and_their_headroom_share() -> None:
     refined = pd.DataFrame(
         {"setting": ["A/SE"] * 3, "seed": [0, 1, 2], "test_avg_ppl": [v - 2.0 for v in strat]}
     )
-    table, md = tables.build_table2_post(df, "mini", "synthetic", refined=refined)
+    table, md = tables.build_table2(df, "mini", "synthetic", refined=refined, post=True)
     assert list(table.index) == ["Stratified", tables.REFINED, *tables.POST_LABELS.values()]
     assert table.loc["RegMix", "A/SE"].startswith("-0.500 [") and table.loc["UniMax", "A/SE"].startswith(
         "+0.000"

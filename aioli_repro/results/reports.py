@@ -82,7 +82,6 @@ def build(
     from aioli_repro.results.load import data_label
     from aioli_repro.results.tables import (
         build_table2,
-        build_table2_post,
         build_table3,
         paper_side_by_side,
         plot_table,
@@ -100,8 +99,8 @@ def build(
     if table in ("table2", "post"):
         best = headroom_runs(results_dir, scale_name)
         refined = refined_runs(out_dir)
-        builder = build_table2 if table == "table2" else build_table2_post
-        tab, md = builder(df, scale_name, label, best, scale_name == "table_smoke", refined)
+        smoke = scale_name == "table_smoke"
+        tab, md = build_table2(df, scale_name, label, best, smoke, refined, post=table == "post")
         table = "table2" if table == "table2" else "table2_post"
     else:
         tab, md = build_table3(df, scale=scale_name, data_label=label)

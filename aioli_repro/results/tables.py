@@ -227,30 +227,14 @@ def build_table2(
     headroom: pd.DataFrame | None = None,
     smoke: bool = False,
     refined: pd.DataFrame | None = None,
+    post: bool = False,
 ) -> tuple[pd.DataFrame, str]:
     """Table 2 for the runs at `scale`: the comparison table with the paper's six settings and rows
-    (+ the headroom rows when `headroom` / `refined` are given). `smoke` labels the table as a smoke test."""
-    title = f"Table 2 ({'SMOKE TEST, not a result; ' if smoke else ''}scale: {scale}, data: {data_label}"
-    return build_comparison(
-        df, scale, data_label, headroom, list(SETTINGS), list(METHOD_LABELS), title, refined
-    )
-
-
-def build_table2_post(
-    df: pd.DataFrame,
-    scale: str,
-    data_label: str,
-    headroom: pd.DataFrame | None = None,
-    smoke: bool = False,
-    refined: pd.DataFrame | None = None,
-) -> tuple[pd.DataFrame, str]:
-    """Table 2's rows for the methods published after the paper: stratified, the best static rows and the
-    new methods, with Table 2's settings and statistics (`reproduce post`)."""
-    title = (
-        f"Table 2, methods published after the paper ({'SMOKE TEST, not a result; ' if smoke else ''}"
-        f"scale: {scale}, data: {data_label}"
-    )
-    methods = ["stratified", *POST_LABELS]
+    (+ the headroom rows when `headroom` / `refined` are given). `smoke` labels the table as a smoke test.
+    `post`: its rows for the methods published after the paper instead (`reproduce post`)."""
+    what = "Table 2, methods published after the paper" if post else "Table 2"
+    title = f"{what} ({'SMOKE TEST, not a result; ' if smoke else ''}scale: {scale}, data: {data_label}"
+    methods = ["stratified", *POST_LABELS] if post else list(METHOD_LABELS)
     return build_comparison(df, scale, data_label, headroom, list(SETTINGS), methods, title, refined)
 
 
