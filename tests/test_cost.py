@@ -24,8 +24,15 @@ EXTRA = {
     # Skill-It's graph runs need their step-0 validation (val_every)
     "skillit": ["method.pipeline.graph_steps=2", "train.val_every=2", "method.mixer.update_steps=2"],
     "aioli": ["method.mixer.update_steps=4", "method.mixer.lp_rounds=1", "method.mixer.lp_steps=1"],
+    "regmix": [
+        "method.pipeline.swarm_size=3",
+        "method.pipeline.swarm_steps=2",
+        "method.pipeline.sim_candidates=500",
+    ],
+    "mixmin": ["method.pipeline.proxy_steps=2"],
+    "ado": ["method.mixer.warmup_steps=1", "method.mixer.start_step=1", "method.mixer.fit_every=2"],
 }
-OTHERS = ("stratified", "grid", "dml", "doge", "skillit", "aioli")
+OTHERS = ("stratified", "grid", "dml", "doge", "skillit", "aioli", "regmix", "mixmin", "ado", "unimax")
 
 
 @pytest.mark.slow  # trains each method's micro pipeline (the counting itself is checked below, fast)
