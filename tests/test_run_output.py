@@ -48,7 +48,7 @@ def test_help_is_usage_examples_and_config_groups(module, tmp_path):
     assert out.startswith(f"usage: python -m {module} ")
     for command in COMMANDS:
         assert command in out, (command, out)
-    assert "method: aioli, aioli_diagonal" in out and "groups: a_b_se, a_se" in out  # Hydra's groups
+    assert "method: ado, aioli, aioli_diagonal" in out and "groups: a_b_se, a_se" in out  # Hydra's groups
     assert "cache_dir:" not in out and "train:" not in out  # no config dump
     assert not (tmp_path / "outputs").exists()
 
