@@ -70,6 +70,7 @@ def test_proxy_stages_are_short_static_runs_shared_between_methods(make_cfg, tmp
 SWARM = ["method=regmix", *MICRO, "hp.regmix.swarm_size=3", "hp.regmix.swarm_steps=4"]
 
 
+@pytest.mark.slow  # spawns worker processes (about a minute): make test-slow
 def test_parallel_swarm_equals_the_serial_one(make_cfg, tmp_path):
     serial = Pipeline(make_cfg(*SWARM), tmp_path / "serial", log=lambda s: None)
     P1, S1 = run_swarm(serial)
