@@ -30,8 +30,7 @@ def proxy_stage(cfg: DictConfig, k: int, steps: int) -> Stage:
     """Proxy k: a static one-hot run on group k for `steps` steps."""
     m = len(cfg.groups.names)
     warmup = int(round(int(cfg.train.warmup_steps) * steps / int(cfg.train.max_steps)))
-    # val_every 0: no periodic validation (the recipe scores the proxy itself); it also keeps these stages
-    # apart from other recipes' one-hot runs (Skill-It's graph), which drop their weights
+    # val_every 0: no periodic validation (the recipe scores the proxy itself)
     proxy_cfg = derive(
         cfg, PROXY_LABEL, static_mixer(np.eye(m)[k]), max_steps=steps, warmup_steps=warmup, val_every=0
     )

@@ -25,7 +25,8 @@ def learn_olmix(pipe: Pipeline) -> Learned:
     proposer = str(pcfg.get("proposer", "exact"))
     if proposer not in PROPOSERS:
         raise ConfigError(f"method.pipeline.proposer: must be one of {list(PROPOSERS)}, got {proposer!r}")
-    points, summaries = run_swarm(pipe)
+    prior = token_prior(pipe.cfg)  # read once: the swarm's centre and the proposer's prior
+    points, summaries = run_swarm(pipe, prior)
     groups, seed = pipe.groups, int(pipe.cfg.seed)
     val = _val_matrix(summaries, groups)  # fit on validation, never test
     law, fit = olmix.fit_olmix_law(
@@ -33,7 +34,6 @@ def learn_olmix(pipe: Pipeline) -> Learned:
         delta=float(pcfg.get("huber_delta", olmix.HUBER_DELTA)),
         draws=int(pcfg.get("fit_draws", olmix.DRAWS_PER_LOG_C)),
     )  # fmt: skip
-    prior = token_prior(pipe.cfg)
     p = _propose(pcfg, proposer, law, prior, points, val, seed)
     kl = olmix.kl(p, prior)
     pipe.log(

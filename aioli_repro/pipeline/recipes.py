@@ -342,8 +342,8 @@ def final_stage(cfg: DictConfig, name: str, learned: Learned) -> Stage:
 def _weights_loaded_later(cfg: DictConfig) -> bool:
     """Stages whose final weights are loaded later: stratified runs (DoReMi's reference, the dynamic law's
     parent) and MixMin's proxies (scored on the target by its recipe). A stage folder is shared, so this
-    reads the stage's own config, never the current recipe: MixMin's label is safe because its proxies'
-    configs (val_every 0) match no other recipe's stage."""
+    reads the stage's own config, never the current recipe: MixMin's label is safe because a folder's name
+    starts with its stage's label (`stage.result_dir`), so only MixMin's proxies live in `mixmin_proxy-*`."""
     return cfg.method.mixer.get("_target_") == STRATIFIED["_target_"] or cfg.method.name == "mixmin_proxy"
 
 

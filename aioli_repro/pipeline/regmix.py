@@ -20,7 +20,8 @@ def learn_regmix(pipe: Pipeline) -> Learned:
     regressor = str(pcfg.get("regressor", "lightgbm"))
     n_candidates, top_k = int(pcfg.get("sim_candidates", 100_000)), int(pcfg.get("sim_top_k", 128))
     check_options(regressor, n_candidates, top_k)  # before any proxy trains
-    points, summaries = run_swarm(pipe)
+    prior = token_prior(pipe.cfg)  # read once: the swarm's centre and the simulation's
+    points, summaries = run_swarm(pipe, prior)
     groups = pipe.groups
     # RegMix regresses one target loss (Pile-CC val loss in the paper). Ours is the objective every
     # method here is compared on: the mean over groups, equally weighted, of the proxies' val losses
@@ -37,7 +38,7 @@ def learn_regmix(pipe: Pipeline) -> Learned:
     seed = int(pcfg.get("swarm_seed", pipe.cfg.seed))
     p = simulate_optimum(
         predict,
-        token_prior(pipe.cfg),
+        prior,
         n_candidates=n_candidates,
         top_k=top_k,
         seed=seed,

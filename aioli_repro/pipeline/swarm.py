@@ -123,10 +123,10 @@ def swarm_stages(cfg: DictConfig, points: np.ndarray, steps: int) -> list[Stage]
     ]
 
 
-def run_swarm(pipe: Pipeline) -> tuple[np.ndarray, list[dict]]:
-    """Draw the swarm around the token prior and train (or reuse) one proxy per point; the points and
-    the proxies' summaries, in order. Options: method.pipeline.swarm_* (size, steps, seed, jobs and the
-    sampling options of `SAMPLING`)."""
+def run_swarm(pipe: Pipeline, prior: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Draw the swarm around the token prior (`prior`, read from the data when None) and train (or reuse)
+    one proxy per point; the points and the proxies' summaries, in order. Options: method.pipeline.swarm_*
+    (size, steps, seed, jobs and the sampling options of `SAMPLING`)."""
     from aioli_repro.pipeline.token_counts import token_prior
 
     pcfg = pipe.cfg.method.get("pipeline", {})
@@ -137,7 +137,7 @@ def run_swarm(pipe: Pipeline) -> tuple[np.ndarray, list[dict]]:
     steps = int(pcfg.get("swarm_steps") or pipe.cfg.train.max_steps)
     seed = int(pcfg.get("swarm_seed", pipe.cfg.seed))
     sampling = {k: pcfg[f] for k, f in SAMPLING_FIELDS.items() if pcfg.get(f) is not None}
-    points = swarm_points(token_prior(pipe.cfg), n, seed, **sampling)
+    points = swarm_points(token_prior(pipe.cfg) if prior is None else prior, n, seed, **sampling)
     stages = swarm_stages(pipe.cfg, points, steps)
     jobs = int(pcfg.get("swarm_jobs") or 1)
     trained = train_in_workers(pipe, stages, jobs) if jobs > 1 else set()
