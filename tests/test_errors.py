@@ -411,3 +411,32 @@ def test_wandb_unreachable_run_completes_offline(cache_dir, tmp_path):
     assert "logging offline instead" in r.stdout
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert time.time() - t0 < 300  # never hangs on the network
+
+
+_LOG_THEN_TRAIN = """
+import sys
+from pathlib import Path
+from aioli_repro.training.loggers import make_wandb_logger
+from aioli_repro.training.pipeline_run_log import log_pipeline_run
+out = Path(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from test_results import fake_summary
+summary = fake_summary("A/SE", "stratified", 0)
+assert log_pipeline_run(summary, out / "pipeline") is not None
+logger = make_wandb_logger(out / "run", {"seed": 0}, "aioli_repro", "offline", "t", None)
+logger.experiment.log({"x": 1.0})
+logger.experiment.finish()
+"""
+
+
+def test_offline_run_after_a_pipeline_log_needs_no_key(tmp_path):
+    # A worker process logs one pipeline's run, then trains the next pipeline: W&B has been set up
+    # by then, so an offline mode asked only through WANDB_MODE came too late and W&B asked for a key.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc key
+    r = subprocess.run(
+        [sys.executable, "-c", _LOG_THEN_TRAIN, str(tmp_path), str(Path(__file__).parent)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1

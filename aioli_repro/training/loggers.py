@@ -105,6 +105,10 @@ def make_wandb_logger(
         entity=entity,
         name=name,
         offline=(mode == "offline"),
+        # mode explicitly: Lightning asks for offline through WANDB_MODE, which W&B reads only when it
+        # first sets up in a process; after an earlier wandb.init (a pipeline's run log in the same
+        # worker) an offline run would then ask for an API key
+        mode=mode,
         config=safe_cfg,
     )
 
