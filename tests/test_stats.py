@@ -210,3 +210,4 @@ def test_post_table_has_the_later_methods_and_their_headroom_share() -> None:
     assert table.loc["ADO", "A/SE"] == "—" and "Aioli" not in table.index
     share_line = [line for line in md.splitlines() if line.startswith("| RegMix |")][-1]
     assert share_line == "| RegMix | 0.25 |"  # 0.5 of the refined optimum's 2.0
+    assert "| UniMax | 0.00 |" in md  # no change is 0.00, not -0.00

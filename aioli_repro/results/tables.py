@@ -340,7 +340,8 @@ def headroom_share(cells: pd.DataFrame) -> pd.DataFrame | None:
     out.index.name = "Method"
     for c in cells[cells["kind"] == "delta"].to_dict("records"):
         if c["row"] in rows and c["setting"] in h.index:
-            out.loc[c["row"], c["setting"]] = f"{c['mean'] / h.loc[c['setting'], 'mean']:.2f}"
+            share = round(c["mean"] / h.loc[c["setting"], "mean"], 2) + 0.0  # + 0.0: no "-0.00"
+            out.loc[c["row"], c["setting"]] = f"{share:.2f}"
     return out
 
 
