@@ -14,6 +14,8 @@ Reported:
   <method>_eval_share: the part of that method's wall-clock spent in its own validation passes
   (Aioli's LearnParams evaluations);
 - sampler_vs_step: the sampler's tokens/s / the training step's tokens/s;
+- swarm_speedup: wall-clock of a RegMix/Olmix proxy swarm trained one proxy at a time / the same swarm
+  in `swarm_jobs` worker processes (several small runs at once on the CPU cores or on one GPU);
 - mfu (GPU only): (6N + attention) FLOPs per token × tokens/s / the device's peak bf16 FLOP/s.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -259,6 +262,31 @@ def method_fit(base: list[str], steps: int, method: str, run_dir: Path, referenc
     return out
 
 
+def bench_swarm(base: list[str], n: int, steps: int, jobs: int, work: Path) -> dict:
+    """One swarm of `n` proxies of `steps` steps, trained serially and then in `jobs` worker processes
+    (fresh results folders, so nothing is reused): both wall-clocks and their ratio."""
+    from aioli_repro.pipeline.recipes import Pipeline
+    from aioli_repro.pipeline.swarm import run_swarm
+
+    times = {}
+    for k in (1, jobs):
+        over = [*base, "method=regmix", f"hp.regmix.swarm_size={n}", f"hp.regmix.swarm_steps={steps}"]
+        cfg = _cfg([*over, f"hp.regmix.swarm_jobs={k}", "train.checkpoint_every=0"])
+        t0 = time.perf_counter()
+        run_swarm(Pipeline(cfg, work / f"swarm_jobs{k}", log=lambda msg: None))
+        times[k] = time.perf_counter() - t0
+    return {"swarm_serial_s": times[1], "swarm_parallel_s": times[jobs], "swarm_jobs": jobs,
+            "swarm_proxies": n, "swarm_speedup": times[1] / times[jobs]}  # fmt: skip
+
+
+def default_swarm_jobs(device: torch.device) -> int:
+    """Proxies at once: one per CPU core (at most 8), or 4 sharing one GPU."""
+    if device.type == "cuda":
+        return 4
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, min(cores, 8))
+
+
 def bench_sampler(cfg: DictConfig, packed: object, n: int = 2000) -> float:
     dm = _make_dm(cfg, packed)
     dm.sampler.set_proportions(np.full(len(cfg.groups.names), 1.0 / len(cfg.groups.names)))
@@ -278,6 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--pairs", type=int, default=3, help="alternating plain/Lightning runs")
     ap.add_argument("--methods", default="aioli,doge,doremi", help="comma list, or '' to skip")
     ap.add_argument("--data", default=None, help="data config (default: the scale's)")
+    ap.add_argument("--swarm-proxies", type=int, default=8, help="proxies in the swarm part (0: skip it)")
+    ap.add_argument("--swarm-steps", type=int, default=100)
+    ap.add_argument("--swarm-jobs", type=int, default=0, help="worker processes (0: cores, or 4 on a GPU)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--part-limit-s", type=float, default=900.0, help="time limit of each part (seconds)")
     ap.add_argument("--out", default="results/bench.json")
@@ -302,13 +333,16 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     """The user's options, which every part's process gets too (the report's own are left out)."""
     keep = ["--scale", args.scale, "--steps", str(args.steps), "--method-steps", str(args.method_steps)]
     keep += ["--pairs", str(args.pairs)] + (["--model", args.model] if args.model else [])
+    keep += ["--swarm-proxies", str(args.swarm_proxies), "--swarm-steps", str(args.swarm_steps)]
+    keep += ["--swarm-jobs", str(args.swarm_jobs)]
     return keep + (["--data", args.data] if args.data else []) + (["--compile"] if args.compile else [])
 
 
 def _parts(args: argparse.Namespace, work: Path) -> list[PartSpec]:
-    """step (Lightning vs plain, memory, MFU), hf, sampler, then stratified and each method."""
+    """step (Lightning vs plain, memory, MFU), hf, sampler, swarm, then stratified and each method."""
     common, lim = [*_passthrough(args), "--work-dir", str(work)], args.part_limit_s
-    parts: list[PartSpec] = [Part(n, lim, common) for n in ("step", "hf", "sampler")]
+    names = ("step", "hf", "sampler") + (("swarm",) if args.swarm_proxies > 0 else ())
+    parts: list[PartSpec] = [Part(n, lim, common) for n in names]
     methods = [m for m in args.methods.split(",") if m and m != "skillit"]  # Skill-It needs a graph run
     if methods:
         parts.append(Part("method:stratified", lim, common))
@@ -357,6 +391,8 @@ def _merge(result: dict, r: PartResult) -> None:
     f = r.figures
     if r.name in ("step", "hf"):
         result.update(f)
+    elif r.name == "swarm":
+        result.update(f)
     elif r.name == "sampler" and "sampler_tokens_per_s" in f:
         result["sampler_tokens_per_s"] = f["sampler_tokens_per_s"]
     elif r.name.startswith("method:") and "fit_s" in f:
@@ -373,6 +409,7 @@ def _merge(result: dict, r: PartResult) -> None:
     for m in ("aioli", "doge", "doremi"):
         result.setdefault(f"{m}_vs_stratified", None)
     result.setdefault("sampler_vs_step", None)
+    result.setdefault("swarm_speedup", None)
 
 
 def default_device() -> torch.device:
@@ -400,6 +437,9 @@ def _child(args: argparse.Namespace) -> None:
         out.put(ours_vs_hf=bench_hf(cfg, max(6, args.steps // 5), device))
     elif args.part == "sampler":
         out.put(sampler_tokens_per_s=bench_sampler(cfg, packed))
+    elif args.part == "swarm":
+        jobs = args.swarm_jobs or default_swarm_jobs(device)
+        out.put(**bench_swarm(base, args.swarm_proxies, args.swarm_steps, jobs, Path(args.work_dir)))
     elif args.part.startswith("method:"):
         m = args.part.split(":", 1)[1]
         ref = str(Path(args.work_dir) / "stratified" / "checkpoints" / "final.ckpt")
@@ -463,33 +503,47 @@ def _fmt(v: object, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _swarm_cell(r: dict) -> str:
+    if r.get("swarm_speedup") is None:
+        return "—"
+    return f"{r['swarm_speedup']:.2f}× ({r['swarm_proxies']} proxies, {r['swarm_jobs']} jobs)"
+
+
 def _append_markdown(path: Path, r: dict) -> None:
+    """Add a row to the file's results table: under the last row of the table with this header (the
+    prose after it stays below), or in a new table at the end when the file has no such table."""
     header = (
         "| date | device | model | batch×ctx | tokens/s | step ms | Lightning/plain | ours/HF | "
-        "Aioli/strat | DoGE/strat | DoReMi/strat | sampler/step | MFU |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "Aioli/strat | DoGE/strat | DoReMi/strat | sampler/step | MFU | swarm serial/parallel |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "# Benchmarks\n\nRows appended by `make bench` (see `aioli_repro/bench.py`).\n\n" + header
-        )
-    text = path.read_text()
-    if "| date | device |" not in text:
-        text += "\n" + header
+        path.write_text("# Benchmarks\n\nRows appended by `make bench` (see `aioli_repro/bench.py`).\n\n")
+    lines = path.read_text().splitlines(keepends=True)
+    head = header.splitlines(keepends=True)[0]
+    if head not in lines:
+        lines += ["\n", *header.splitlines(keepends=True)]
+    end = len(lines) - 1 - lines[::-1].index(head)  # the last table with this header
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    lines.insert(end + 1, _markdown_row(r))
+    path.write_text("".join(lines))
+
+
+def _markdown_row(r: dict) -> str:
     m = r.get("model") or {}
     shape = f"{r['batch_size']}×{r['context_length']}" if r.get("batch_size") else "—"
     missing = "; ".join(f"{k}: {', '.join(r.get(k) or [])}" for k in ("cut", "failed") if r.get(k))
     device = r["device"] + (" (compiled)" if r.get("compile") else "") + (f" ({missing})" if missing else "")
-    row = (
+    return (
         f"| {time.strftime('%Y-%m-%d')} | {device} | {m.get('n_layer', '?')}L d{m.get('d_model', '?')} | "
         f"{shape} | "
         f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['step_ms'], '.1f')} | "
         f"{_fmt(r['lightning_vs_plain'])} | {_fmt(r['ours_vs_hf'])} | {_fmt(r['aioli_vs_stratified'])} | "
         f"{_fmt(r['doge_vs_stratified'])} | {_fmt(r['doremi_vs_stratified'])} | "
-        f"{_fmt(r['sampler_vs_step'], '.1f')} | {_fmt(r['mfu'], '.1%')} |\n"
+        f"{_fmt(r['sampler_vs_step'], '.1f')} | {_fmt(r['mfu'], '.1%')} | {_swarm_cell(r)} |\n"
     )
-    path.write_text(text + row)
 
 
 if __name__ == "__main__":
