@@ -111,6 +111,8 @@ def build(
         paths["png"] = plot_table(tab, out_dir / f"{table}.png")
     else:  # e.g. stratified only: no differences to draw
         print(f"[reproduce] no plot: {table} has no difference cells yet")
+    if table == "table2_post":
+        paths.update(write_post_mixtures(df, jobs, out_dir))
     if table == "table2":
         paths.update(write_probe_noise(df, out_dir))
         from aioli_repro.results.claims import claims_markdown
@@ -144,6 +146,27 @@ def write_probe_noise(df, out_dir: Path) -> dict[str, Path]:
         f"{to_markdown(tab.set_index('setting'), 'Setting')}\n"
     )
     return {"beta_noise_csv": csv, "beta_noise_md": md}
+
+
+def write_post_mixtures(df, jobs: list[Job], out_dir: Path) -> dict[str, Path]:
+    """table2_post_mixtures.{csv,md}: the later methods' mixtures against the token prior and p*."""
+    import pandas as pd
+
+    from aioli_repro.pipeline.token_counts import token_prior
+    from aioli_repro.results.post_mixtures import mixture_distances, mixtures_markdown, refined_optima
+
+    priors = {}
+    for job in jobs:  # one token count per setting (the packed-token cache is built already)
+        if job.meta["label"] not in priors:  # the table's setting label, e.g. A/SE
+            names = list(job.cfg.groups.names)
+            priors[job.meta["label"]] = dict(zip(names, token_prior(job.cfg).tolist()))
+    refined = Path(out_dir) / "refined_headroom.csv"
+    optima = refined_optima(pd.read_csv(refined)) if refined.exists() else {}
+    tidy = mixture_distances(df, priors, optima)
+    csv, md = out_dir / "table2_post_mixtures.csv", out_dir / "table2_post_mixtures.md"
+    tidy.round(6).to_csv(csv, index=False)
+    md.write_text(mixtures_markdown(tidy))
+    return {"mixtures_csv": csv, "mixtures_md": md}
 
 
 def refined_runs(out_dir: Path):
