@@ -4,6 +4,8 @@ oracle check of its estimator, end to end. Design and pre-registration: docs/min
     python -m aioli_repro.sensitivity --scale tiny                 (make sensitivity SCALE=tiny)
     python -m aioli_repro.sensitivity --scale tiny --dry-run       what is done and what would run
     python -m aioli_repro.sensitivity --scale tiny --no-run        only the tables, from finished runs
+    python -m aioli_repro.sensitivity --scale tiny --search-only   steps 1, 2 and the refined tables
+                                                  (make sensitivity-search: the first half, on 2 cores)
 
 1. stratified and Skill-It at seeds 0-2 in every searched setting (the references of the headroom);
 2. the refined headroom: a local search from the grid's best point (`pipeline.refine`);
@@ -54,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-jobs", type=int, default=None, help="pipelines at a time (default: one per core)")
     p.add_argument("--no-run", action="store_true", help="only build the tables from finished runs")
+    p.add_argument(
+        "--search-only", action="store_true",
+        help="only the references and the refined search, and refined_headroom.*; a later run without it "
+        "reuses them and adds the oracle and the arms (two commands of about half the time each)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print what is done and pending, then exit")
     return p
 
@@ -98,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     searches = refine(
         search, few, base, results_dir, n_jobs, run=not args.no_run, max_iters=args.max_search_iters
     )
+    if args.search_only:
+        arms, oracle = [], []
     if not args.no_run:
         for jobs in (oracle, arms):
             failures += run_inprocess("table2", [j for j in jobs if not j.done], results_dir, n_jobs=n_jobs)
@@ -142,6 +151,8 @@ def build(
     paths["refined headroom"].write_text(refined_headroom.markdown(results, strat, skill, footer) + "\n")
     refined_headroom.tidy(results, strat, skill).to_csv(out_dir / "refined_headroom.csv", index=False)
     trace_frame(searches).to_csv(out_dir / "refined_headroom_trace.csv", index=False)
+    if not arms and not oracle:  # --search-only: the other tables wait for their runs
+        return paths
     optimum = {r.setting: sensitivity.Optimum(p=r.opt_p, test=r.opt_test) for r in results}
     arm_frame = frame[frame["run_key"].isin({k for j in arms for k in j.keys})]
     stats = sensitivity.arm_stats(arm_frame, optimum)

@@ -22,7 +22,13 @@ def test_the_study_runs_and_rebuilds(tmp_path) -> None:
         "--scale", "smoke", "--results-dir", str(runs), "--out-dir", str(out), "--search-settings", "a_b_se",
         "--search-seeds", "2", "--arm-methods", ARMS, "--max-search-iters", "1", "hp.aioli.lp_steps=1",
     ]  # fmt: skip
-    assert main(args) == 0
+    assert main([*args, "--search-only"]) == 0  # the first half: the references and the search
+    assert sorted(f.name for f in out.iterdir()) == [
+        "refined_headroom.csv", "refined_headroom.md", "refined_headroom_trace.csv"
+    ]  # fmt: skip
+    first_trace = (out / "refined_headroom_trace.csv").read_bytes()
+    assert main(args) == 0  # the second half reuses the search and adds the oracle and the arms
+    assert (out / "refined_headroom_trace.csv").read_bytes() == first_trace
     refined = pd.read_csv(out / "refined_headroom.csv")
     grid_p = refined[(refined["arm"] == "Best static (grid)") & refined["statistic"].str.startswith("p/")]
     assert np.allclose(grid_p["value"].to_numpy(), GRID_BEST["a_b_se"], atol=1e-6)
