@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -269,8 +268,8 @@ def bench_swarm(base: list[str], n: int, steps: int, jobs: int, work: Path) -> d
     from aioli_repro.pipeline.swarm import run_swarm
 
     times = {}
+    over = [*base, "method=regmix", f"hp.regmix.swarm_size={n}", f"hp.regmix.swarm_steps={steps}"]
     for k in (1, jobs):
-        over = [*base, "method=regmix", f"hp.regmix.swarm_size={n}", f"hp.regmix.swarm_steps={steps}"]
         cfg = _cfg([*over, f"hp.regmix.swarm_jobs={k}", "train.checkpoint_every=0"])
         t0 = time.perf_counter()
         run_swarm(Pipeline(cfg, work / f"swarm_jobs{k}", log=lambda msg: None))
@@ -283,8 +282,9 @@ def default_swarm_jobs(device: torch.device) -> int:
     """Proxies at once: one per CPU core (at most 8), or 4 sharing one GPU."""
     if device.type == "cuda":
         return 4
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(2, min(cores, 8))
+    from aioli_repro.pipeline.launch import cpu_cores
+
+    return max(2, min(cpu_cores(), 8))
 
 
 def bench_sampler(cfg: DictConfig, packed: object, n: int = 2000) -> float:
@@ -389,9 +389,7 @@ def _merge(result: dict, r: PartResult) -> None:
         result["failed"].append(r.name)
         result["parts"][r.name]["error"] = r.error
     f = r.figures
-    if r.name in ("step", "hf"):
-        result.update(f)
-    elif r.name == "swarm":
+    if r.name in ("step", "hf", "swarm"):
         result.update(f)
     elif r.name == "sampler" and "sampler_tokens_per_s" in f:
         result["sampler_tokens_per_s"] = f["sampler_tokens_per_s"]

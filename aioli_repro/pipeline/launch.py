@@ -77,16 +77,20 @@ def _worker(table: str, overrides: list[str], results_dir: Path, verbose: bool) 
     return {"summaries": summaries, "log": stage_log, "seconds": time.time() - t}
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_n_jobs(scale_cfg: str) -> int:
     """Pipelines at a time for the in-process launcher: one per CPU core for the CPU miniature (each run
     uses one torch thread; a 1M-parameter model gains little from a second), one on a GPU."""
     if scale_cfg not in DEFAULT_SEEDS:  # a GPU scale: one pipeline at a time
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(cpu_cores(), 8))
 
 
 def run_inprocess(

@@ -10,7 +10,6 @@ trains one proxy per point, all labelled "swarm" so that RegMix and Olmix share 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -157,13 +156,12 @@ def train_in_workers(pipe: Pipeline, stages: Iterable[Stage], jobs: int) -> set[
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from aioli_repro.pipeline.launch import worker_init
+    from aioli_repro.pipeline.launch import cpu_cores, worker_init
 
     pending = [s for s in stages if read_summary(s.directory(pipe.results_dir)) is None]
     if len(pending) < 2:
         return set()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // jobs)
+    threads = max(1, cpu_cores() // jobs)
     pipe.log(f"[pipeline] swarm: {len(pending)} proxies in {jobs} worker processes, {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # not fork: the parent has torch's thread pools
     trained: set[str] = set()
